@@ -238,6 +238,29 @@ def test_save_round_trip_loads_in_transformers(tmp_path, batch):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
 
 
+def test_lora_on_bert_merges_and_saves_for_transformers(cls_loaded, batch, tmp_path):
+  import jlora
+
+  model, params, _, apply = cls_loaded
+  rules = {"layers/attention/self/{query,value}/kernel": jlora.LoRA(4, stack_axes=1),
+           "classifier/*": jlora.Full()}
+  tree = jlora.wrap(params, rules, key=jax.random.key(0))
+  trainable, frozen = jlora.split(tree)
+  q = trainable["layers"]["attention"]["self"]["query"]["kernel"]
+  assert q.a.shape == (2, 32, 4) and q.b.shape == (2, 4, 32)  # one adapter per layer
+  rng = np.random.default_rng(5)
+  trainable = jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape, np.float32), trainable)
+  tree = jlora.combine(trainable, frozen)
+  forward = jax.jit(jlora.lora(lambda p, *a: model.apply({"params": p}, *a)))
+  got = np.asarray(forward(tree, *batch))
+  out = save_bert_hf(model, jlora.merge(tree), None, tmp_path / "merged")
+  hf = transformers.BertForSequenceClassification.from_pretrained(out).eval()
+  ref = _torch(hf, batch).logits.numpy()
+  before = np.asarray(apply({"params": params}, *batch))
+  print(f"LoRA forward vs transformers on merged save: max|diff| = {np.abs(got - ref).max():.3g}")
+  assert np.abs(got - ref).max() <= TOL and np.abs(got - before).max() > 1e-2
+
+
 def test_remat_grads_match_torch_and_dropout(cls_ckpt, cls_loaded, batch):
   _, hf = cls_ckpt
   model, params, _, _ = cls_loaded
