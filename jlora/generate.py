@@ -1,0 +1,235 @@
+"""Text generation for :mod:`jlora.models.llama` decoders: KV-cached, jitted, batched.
+
+:func:`generate` continues a batch of token-id prompts of different lengths (left-padded
+internally) greedily or by sampling (temperature, top-k, top-p) until ``max_new_tokens`` or an
+end-of-sequence id. The whole loop (prefill and decode) is one compiled XLA program; prompt
+lengths are rounded up to a multiple of ``pad_to_multiple`` so different prompts reuse it.
+:func:`generate_text` wraps it with a ``transformers`` tokenizer and an optional chat template.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora._errors import ConfigError, DataError
+from jlora.models.llama import LlamaConfig, init_llama_cache, llama_forward_cached
+
+__all__ = ["generate", "generate_text"]
+
+
+def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]] | np.ndarray, *,
+             max_new_tokens: int, attention_mask: np.ndarray | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | jax.Array = 0, eos_token_ids: Sequence[int] | None = None,
+             pad_token_id: int | None = None, pad_to_multiple: int = 16) -> np.ndarray:
+  """Continues each prompt by up to ``max_new_tokens`` tokens.
+
+  Args:
+    params: the model's params (LoRA adapters merged, or a transform's effective params).
+    config: the model's config.
+    prompts: a list of token-id lists (lengths may differ), or a ``(B, T)`` array; with an
+      array, ``attention_mask`` marks padding (left or right; real tokens are kept in order).
+    max_new_tokens: how many tokens to generate at most.
+    attention_mask: ``(B, T)`` 1/0 mask for an array ``prompts``; ``None``: all real.
+    temperature: 0 for greedy decoding; otherwise the softmax temperature of sampling.
+    top_k: sample only among the ``top_k`` most likely tokens (``None``: all).
+    top_p: sample only from the smallest set of tokens whose probability reaches ``top_p``.
+    seed: an int or a PRNG key for sampling.
+    eos_token_ids: ids that end a row; ``None``: ``config.eos_token_ids``; ``()``: never stop.
+    pad_token_id: written after a row ended; ``None``: ``config.pad_token_id``, else the first
+      eos id, else 0.
+    pad_to_multiple: prompt lengths are rounded up to a multiple of this to reuse compiles.
+
+  Returns:
+    ``(B, max_new_tokens)`` int32 numpy array of new tokens; a row that ended holds its eos id
+    and then ``pad_token_id``.
+
+  Raises:
+    DataError: an empty prompt or a token id outside the vocabulary.
+    ConfigError: a bad sampling setting.
+
+  Example:
+    >>> import jax
+    >>> from jlora.models.llama import LlamaConfig, init_llama
+    >>> from jlora.generate import generate
+    >>> cfg = LlamaConfig(128, 64, 128, 2, 4, 2)
+    >>> params = init_llama(cfg, jax.random.key(0))
+    >>> generate(params, cfg, [[1, 2, 3], [4]], max_new_tokens=5).shape
+    (2, 5)
+  """
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ConfigError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+  if temperature < 0:
+    raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+  if top_k is not None and not 1 <= top_k <= config.vocab_size:
+    raise ConfigError(f"top_k must be in [1, {config.vocab_size}], got {top_k}")
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+  if pad_to_multiple < 1:
+    raise ConfigError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
+  rows = _prompt_rows(prompts, attention_mask, config)
+  eos = tuple(config.eos_token_ids if eos_token_ids is None else (int(e) for e in eos_token_ids))
+  if pad_token_id is None:
+    pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+  longest = max(len(r) for r in rows)
+  width = -(-longest // pad_to_multiple) * pad_to_multiple
+  tokens = np.full((len(rows), width), pad_token_id, np.int32)
+  mask = np.zeros((len(rows), width), bool)
+  for i, r in enumerate(rows):
+    if len(r):
+      tokens[i, width - len(r):] = r
+      mask[i, width - len(r):] = True
+  key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+  greedy = temperature == 0 or top_k == 1
+  out = _generate_jit(params, jnp.asarray(tokens), jnp.asarray(mask), key,
+                      jnp.float32(temperature if not greedy else 1.0),
+                      jnp.float32(top_p if top_p is not None else 1.0),
+                      config=config, max_new_tokens=int(max_new_tokens), greedy=greedy,
+                      top_k=None if greedy else top_k, use_top_p=top_p is not None and top_p < 1,
+                      eos=eos, pad_id=int(pad_token_id))
+  return np.asarray(out)
+
+
+def generate_text(params: dict, config: LlamaConfig, tokenizer: Any, prompts: str | Sequence[str],
+                  *, max_new_tokens: int, chat: bool = False, system: str | None = None,
+                  **kwargs: Any) -> list[str]:
+  """Generates continuations of text prompts and decodes them.
+
+  Args:
+    params: the model's params.
+    config: the model's config.
+    tokenizer: a ``transformers`` tokenizer (e.g. from
+      :func:`jlora.models.llama_io.load_llama_tokenizer`).
+    prompts: one string or a list of strings.
+    max_new_tokens: how many tokens to generate at most.
+    chat: wrap each prompt as a user message with the tokenizer's chat template.
+    system: a system message for ``chat``.
+    **kwargs: passed to :func:`generate` (``temperature``, ``top_k``, ``top_p``, ``seed``, ...).
+
+  Returns:
+    One decoded continuation per prompt, without the prompt and without special tokens.
+
+  Example:
+    >>> from jlora.models.llama_io import load_llama, load_llama_tokenizer
+    >>> from jlora.generate import generate_text
+    >>> cfg, params = load_llama("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
+    >>> tok = load_llama_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
+    >>> generate_text(params, cfg, tok, "What is 2+2?", chat=True, max_new_tokens=20)  # doctest: +SKIP
+    ['2 + 2 = 4']
+  """
+  single = isinstance(prompts, str)
+  texts = [prompts] if single else list(prompts)
+  if not texts:
+    raise DataError("generate_text got no prompts")
+  ids = []
+  for text in texts:
+    if chat:
+      messages = ([{"role": "system", "content": system}] if system else [])
+      messages.append({"role": "user", "content": text})
+      if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("chat=True but the tokenizer has no chat template; pass chat=False")
+      enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+      if hasattr(enc, "keys"):
+        enc = enc["input_ids"]
+      ids.append(list(enc))
+    else:
+      ids.append(tokenizer(text).input_ids)
+  out = generate(params, config, ids, max_new_tokens=max_new_tokens, **kwargs)
+  eos = set(config.eos_token_ids if kwargs.get("eos_token_ids") is None else kwargs["eos_token_ids"])
+  texts_out = []
+  for row in out.tolist():
+    cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+    texts_out.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+  return texts_out
+
+
+# ----------------------------------------------------------------------------------------------
+# Private helpers.
+
+
+def _prompt_rows(prompts, attention_mask, config: LlamaConfig) -> list[np.ndarray]:
+  if isinstance(prompts, (np.ndarray, jax.Array)):
+    arr = np.asarray(prompts)
+    if arr.ndim != 2:
+      raise DataError(f"a prompt array must be (batch, length), got shape {arr.shape}")
+    mask = np.ones(arr.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+    if mask.shape != arr.shape:
+      raise DataError(f"attention_mask has shape {mask.shape}, prompts {arr.shape}")
+    rows = [arr[i][mask[i]] for i in range(arr.shape[0])]
+  else:
+    if attention_mask is not None:
+      raise DataError("attention_mask is only for an array of prompts; lists need none")
+    if isinstance(prompts, str) or not len(prompts):
+      raise DataError("prompts must be a non-empty list of token-id lists (tokenize text first, "
+                      "or use generate_text)")
+    rows = [np.asarray(list(p), dtype=np.int64).reshape(-1) for p in prompts]
+  if not rows:
+    raise DataError("generate got no prompts")
+  for i, r in enumerate(rows):
+    if r.size == 0:
+      raise DataError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+    if not np.issubdtype(r.dtype, np.integer):
+      raise DataError(f"prompt {i} holds non-integer values ({r.dtype})")
+    if r.min() < 0 or r.max() >= config.vocab_size:
+      raise DataError(
+          f"prompt {i} holds token ids in [{r.min()}, {r.max()}], outside the vocabulary "
+          f"[0, {config.vocab_size})")
+  return rows
+
+
+def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int | None, use_top_p: bool):
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  neg = jnp.finfo(jnp.float32).min
+  logits = logits / temperature
+  if top_k is not None:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if use_top_p:
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    kept = before < top_p
+    threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, neg, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy", "top_k",
+                                             "use_top_p", "eos", "pad_id"))
+def _generate_jit(params, tokens, mask, key, temperature, top_p, *, config, max_new_tokens,
+                  greedy, top_k, use_top_p, eos, pad_id):
+  batch, width = tokens.shape
+  dtype = params["embed_tokens"]["embedding"].dtype
+  cache = init_llama_cache(config, batch, width + max_new_tokens, dtype)
+  sample = functools.partial(_sample, temperature=temperature, top_p=top_p, greedy=greedy,
+                             top_k=top_k, use_top_p=use_top_p)
+  logits, cache = llama_forward_cached(params, tokens, cache, config, attention_mask=mask)
+  key, sub = jax.random.split(key)
+  first = sample(logits[:, -1], sub)
+  eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  done = jnp.zeros((batch,), bool)
+
+  def cond(state):
+    step, _, _, _, done, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, tok, cache, out, done, key = state
+    tok = jnp.where(done, pad_id, tok)
+    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
+    done = done | jnp.isin(tok, eos_arr)
+    logits, cache = llama_forward_cached(params, tok[:, None], cache, config)
+    key, sub = jax.random.split(key)
+    return step + 1, sample(logits[:, 0], sub), cache, out, done, key
+
+  state = (jnp.int32(0), first, cache, out, done, key)
+  _, _, _, out, _, _ = jax.lax.while_loop(cond, body, state)
+  return out

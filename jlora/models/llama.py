@@ -1,0 +1,512 @@
+"""Llama-family causal decoder (Llama 1-3, Mistral, Qwen2) as a pure function of a params pytree.
+
+The model is a plain function of a nested dict of arrays, so LoRA and the other
+jlora transforms act on it like on any other pytree. The decoder layers are
+stacked along a leading axis of size ``num_layers`` and run with
+:func:`jax.lax.scan`, so compile time does not grow with depth.
+
+Params layout (``L`` layers, ``D`` hidden, ``H``/``K`` query/key-value heads of
+size ``hd``, ``F`` MLP width, ``V`` vocabulary); kernels are ``(in, out)`` like
+``flax.linen.Dense``, with the layer axis first under ``"layers"``::
+
+  {"embed_tokens": {"embedding": (V, D)},
+   "layers": {
+     "input_layernorm": {"scale": (L, D)},
+     "self_attn": {"q_proj": {"kernel": (L, D, H*hd), ["bias": (L, H*hd)]},
+                   "k_proj": {"kernel": (L, D, K*hd), ["bias"]},
+                   "v_proj": {"kernel": (L, D, K*hd), ["bias"]},
+                   "o_proj": {"kernel": (L, H*hd, D), ["bias": (L, D)]}},
+     "post_attention_layernorm": {"scale": (L, D)},
+     "mlp": {"gate_proj": {"kernel": (L, D, F)}, "up_proj": {"kernel": (L, D, F)},
+             "down_proj": {"kernel": (L, F, D)}}},
+   "norm": {"scale": (D,)},
+   "lm_head": {"kernel": (D, V)}}          # absent when embeddings are tied
+
+Module names follow Hugging Face's, so PEFT-style target names (``q_proj``,
+``v_proj``, ...) mean the same here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora._errors import ConfigError, TreeError
+
+__all__ = [
+    "LlamaConfig",
+    "init_llama",
+    "init_llama_cache",
+    "llama_forward",
+    "llama_forward_cached",
+    "LAYER_AXIS",
+]
+
+#: The axis of every leaf under ``params["layers"]`` that indexes the layer.
+LAYER_AXIS = 0
+
+_ROPE_TYPES = ("default", "linear", "llama3")
+_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Shape and numerics of a Llama-family decoder. Frozen and hashable (a static jit argument).
+
+  Attributes:
+    vocab_size: number of token ids.
+    hidden_size: model width ``D``.
+    intermediate_size: MLP width ``F``.
+    num_layers: number of decoder layers ``L``.
+    num_heads: query heads ``H``.
+    num_kv_heads: key/value heads ``K`` (grouped-query attention); divides ``num_heads``.
+    head_dim: size of one head; ``None`` means ``hidden_size // num_heads``.
+    rms_norm_eps: epsilon of every RMSNorm.
+    rope_theta: RoPE base frequency.
+    rope_type: ``"default"``, ``"linear"`` (positions divided by ``rope_factor``) or
+      ``"llama3"`` (Llama 3.1 frequency-dependent scaling).
+    rope_factor: scaling factor for ``"linear"`` and ``"llama3"``.
+    rope_low_freq_factor: ``"llama3"`` only.
+    rope_high_freq_factor: ``"llama3"`` only.
+    rope_original_max_positions: ``"llama3"`` only, the pre-extension context length.
+    max_position_embeddings: the context length the model was trained for (informational,
+      and the default cache length of :func:`jlora.generate.generate`).
+    tie_word_embeddings: the output projection is the transposed token embedding.
+    attention_bias: q/k/v projections have a bias (Llama ``attention_bias``, Qwen2).
+    attention_out_bias: the output projection has a bias (Llama ``attention_bias``).
+    mlp_bias: gate/up/down projections have a bias.
+    sliding_window: attend to at most this many most recent tokens (Mistral); ``None``: all.
+    bos_token_id: beginning-of-sequence id, or ``None``.
+    eos_token_ids: ids that end generation.
+    pad_token_id: id written after generation stopped, or ``None``.
+    model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"``; chooses the saved config format.
+
+  Example:
+    >>> from jlora.models.llama import LlamaConfig
+    >>> cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+    ...                   num_layers=2, num_heads=4, num_kv_heads=2)
+    >>> cfg.head_dim
+    16
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  attention_out_bias: bool = False
+  mlp_bias: bool = False
+  sliding_window: int | None = None
+  bos_token_id: int | None = None
+  eos_token_ids: tuple[int, ...] = ()
+  pad_token_id: int | None = None
+  model_type: str = "llama"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "max_position_embeddings"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+          f"({self.num_kv_heads}) for grouped-query attention")
+    if self.head_dim is None:
+      if self.hidden_size % self.num_heads:
+        raise ConfigError(
+            f"LlamaConfig.hidden_size ({self.hidden_size}) is not a multiple of num_heads "
+            f"({self.num_heads}); pass head_dim explicitly")
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if not isinstance(self.head_dim, (int, np.integer)) or self.head_dim <= 0 or self.head_dim % 2:
+      raise ConfigError(f"LlamaConfig.head_dim must be a positive even int, got {self.head_dim!r}")
+    if self.rope_type not in _ROPE_TYPES:
+      raise ConfigError(
+          f"LlamaConfig.rope_type {self.rope_type!r} is not supported; use one of {_ROPE_TYPES}")
+    if self.model_type not in _MODEL_TYPES:
+      raise ConfigError(
+          f"LlamaConfig.model_type {self.model_type!r} is not supported; use one of {_MODEL_TYPES}")
+    if not self.rms_norm_eps > 0 or not self.rope_theta > 0 or not self.rope_factor > 0:
+      raise ConfigError("LlamaConfig.rms_norm_eps, rope_theta and rope_factor must be positive")
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      raise ConfigError(
+          f"LlamaConfig.sliding_window must be None or positive, got {self.sliding_window!r}")
+    eos = self.eos_token_ids
+    if isinstance(eos, (int, np.integer)):
+      eos = (eos,)
+    object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in eos))
+    for name in ("bos_token_id", "pad_token_id"):
+      value = getattr(self, name)
+      if value is not None and not 0 <= value < self.vocab_size:
+        raise ConfigError(f"LlamaConfig.{name}={value} is outside [0, {self.vocab_size})")
+    for e in self.eos_token_ids:
+      if not 0 <= e < self.vocab_size:
+        raise ConfigError(f"LlamaConfig.eos_token_ids holds {e}, outside [0, {self.vocab_size})")
+
+  def replace(self, **changes: Any) -> LlamaConfig:
+    """A copy with some fields changed.
+
+    Example:
+      >>> from jlora.models.llama import LlamaConfig
+      >>> cfg = LlamaConfig(128, 64, 128, 2, 4, 2).replace(num_layers=1)
+      >>> cfg.num_layers
+      1
+    """
+    return dataclasses.replace(self, **changes)
+
+
+def init_llama(config: LlamaConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict:
+  """Random params for ``config``: normal(0, 0.02) kernels and embeddings, unit norms, zero biases.
+
+  Args:
+    config: the model's shape.
+    key: a PRNG key.
+    dtype: dtype of every leaf.
+
+  Returns:
+    The params pytree described in this module's docstring.
+
+  Example:
+    >>> import jax
+    >>> from jlora.models.llama import LlamaConfig, init_llama
+    >>> cfg = LlamaConfig(128, 64, 128, 2, 4, 2)
+    >>> params = init_llama(cfg, jax.random.key(0))
+    >>> params["layers"]["self_attn"]["k_proj"]["kernel"].shape
+    (2, 64, 32)
+  """
+  shapes = _param_shapes(config)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for (path, shape), k in zip(leaves, keys):
+    last = path[-1].key
+    if last == "scale":
+      out.append(jnp.ones(shape, dtype))
+    elif last == "bias":
+      out.append(jnp.zeros(shape, dtype))
+    else:
+      out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def init_llama_cache(config: LlamaConfig, batch_size: int, max_length: int,
+                     dtype: Any = jnp.float32) -> dict:
+  """An empty key/value cache for :func:`llama_forward_cached`.
+
+  Args:
+    config: the model's shape.
+    batch_size: rows of the batch.
+    max_length: slots per row; prompt plus generated tokens must fit.
+    dtype: dtype of the cached keys and values (use the params' dtype).
+
+  Returns:
+    ``{"k", "v": (L, B, S, K, hd), "mask": (B, S) bool, "pos": (B,) int32, "index": () int32}``:
+    cached keys/values, which slots hold real tokens, each row's next position, and the
+    next slot to write.
+
+  Example:
+    >>> from jlora.models.llama import LlamaConfig, init_llama_cache
+    >>> cache = init_llama_cache(LlamaConfig(128, 64, 128, 2, 4, 2), 3, 16)
+    >>> cache["k"].shape
+    (2, 3, 16, 2, 16)
+  """
+  if batch_size <= 0 or max_length <= 0:
+    raise ConfigError(
+        f"init_llama_cache needs a positive batch_size and max_length, got {batch_size}, "
+        f"{max_length}")
+  shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+  return {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "mask": jnp.zeros((batch_size, max_length), bool),
+      "pos": jnp.zeros((batch_size,), jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+  }
+
+
+def llama_forward(params: dict, tokens: jax.Array, config: LlamaConfig, *,
+                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                  remat: bool = False) -> jax.Array:
+  """Next-token logits for every position of a batch of token ids.
+
+  Args:
+    params: the params pytree (see the module docstring).
+    tokens: ``(B, T)`` int token ids.
+    config: the model's shape (static under jit).
+    attention_mask: ``(B, T)``, 1 for real tokens and 0 for padding (left or right); padded
+      keys are never attended to. ``None``: all real.
+    positions: ``(B, T)`` RoPE positions. ``None``: the count of real tokens before each
+      one (``cumsum(mask) - 1``, so left padding does not shift positions).
+    remat: recompute each layer's activations in the backward pass (saves memory when
+      training).
+
+  Returns:
+    ``(B, T, V)`` float32 logits; row ``t`` predicts token ``t + 1``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jlora.models.llama import LlamaConfig, init_llama, llama_forward
+    >>> cfg = LlamaConfig(128, 64, 128, 2, 4, 2)
+    >>> params = init_llama(cfg, jax.random.key(0))
+    >>> llama_forward(params, jnp.array([[1, 2, 3]]), cfg).shape
+    (1, 3, 128)
+  """
+  tokens = _check_tokens(tokens, config)
+  batch, length = tokens.shape
+  mask = _mask_or_ones(attention_mask, tokens.shape)
+  if positions is None:
+    positions = _positions_from_mask(mask, jnp.zeros((batch,), jnp.int32))
+  elif jnp.shape(positions) != tokens.shape:
+    raise TreeError(f"positions has shape {jnp.shape(positions)}, expected {tokens.shape}")
+  slots = jnp.arange(length, dtype=jnp.int32)
+  logits, _ = _decoder(params, tokens, config, positions=jnp.asarray(positions, jnp.int32),
+                       key_mask=mask, q_slots=slots, cache=None, remat=remat)
+  return logits
+
+
+def llama_forward_cached(params: dict, tokens: jax.Array, cache: dict, config: LlamaConfig, *,
+                         attention_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """Logits for new tokens that attend to a key/value cache; returns the updated cache.
+
+  The ``T`` new tokens are written to slots ``[cache["index"], cache["index"] + T)``. Use it
+  for a prompt (prefill, left-padded with ``attention_mask``) and then one token at a time.
+  The caller keeps the slots within the cache length (:func:`jlora.generate.generate` does).
+
+  Args:
+    params: the params pytree.
+    tokens: ``(B, T)`` int token ids.
+    cache: from :func:`init_llama_cache` or a previous call.
+    config: the model's shape (static under jit).
+    attention_mask: ``(B, T)``, 0 for padding; ``None``: all real.
+
+  Returns:
+    ``(logits, cache)``: ``(B, T, V)`` float32 logits and the cache holding the new tokens.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jlora.models.llama import (LlamaConfig, init_llama, init_llama_cache,
+    ...                          llama_forward_cached)
+    >>> cfg = LlamaConfig(128, 64, 128, 2, 4, 2)
+    >>> params = init_llama(cfg, jax.random.key(0))
+    >>> cache = init_llama_cache(cfg, 1, 8)
+    >>> logits, cache = llama_forward_cached(params, jnp.array([[1, 2, 3]]), cache, cfg)
+    >>> int(cache["index"])
+    3
+  """
+  tokens = _check_tokens(tokens, config)
+  batch, length = tokens.shape
+  if cache["k"].shape[1] != batch:
+    raise TreeError(f"cache holds {cache['k'].shape[1]} rows but tokens has {batch}")
+  if length > cache["k"].shape[2]:
+    raise TreeError(f"{length} tokens do not fit a cache of {cache['k'].shape[2]} slots")
+  mask = _mask_or_ones(attention_mask, tokens.shape)
+  positions = _positions_from_mask(mask, cache["pos"])
+  index = cache["index"]
+  key_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
+  q_slots = index + jnp.arange(length, dtype=jnp.int32)
+  logits, (ks, vs) = _decoder(params, tokens, config, positions=positions, key_mask=key_mask,
+                              q_slots=q_slots, cache=(cache["k"], cache["v"], index), remat=False)
+  new_cache = {
+      "k": ks,
+      "v": vs,
+      "mask": key_mask,
+      "pos": cache["pos"] + jnp.sum(mask, axis=1, dtype=jnp.int32),
+      "index": index + length,
+  }
+  return logits, new_cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Private helpers.
+
+
+def _param_shapes(config: LlamaConfig) -> dict:
+  L, D, F, V = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+  q_out = config.num_heads * config.head_dim
+  kv_out = config.num_kv_heads * config.head_dim
+
+  def dense(din, dout, bias):
+    p = {"kernel": (L, din, dout)}
+    if bias:
+      p["bias"] = (L, dout)
+    return p
+
+  shapes = {
+      "embed_tokens": {"embedding": (V, D)},
+      "layers": {
+          "input_layernorm": {"scale": (L, D)},
+          "self_attn": {
+              "q_proj": dense(D, q_out, config.attention_bias),
+              "k_proj": dense(D, kv_out, config.attention_bias),
+              "v_proj": dense(D, kv_out, config.attention_bias),
+              "o_proj": dense(q_out, D, config.attention_out_bias),
+          },
+          "post_attention_layernorm": {"scale": (L, D)},
+          "mlp": {
+              "gate_proj": dense(D, F, config.mlp_bias),
+              "up_proj": dense(D, F, config.mlp_bias),
+              "down_proj": dense(F, D, config.mlp_bias),
+          },
+      },
+      "norm": {"scale": (D,)},
+  }
+  if not config.tie_word_embeddings:
+    shapes["lm_head"] = {"kernel": (D, V)}
+  return shapes
+
+
+def _check_tokens(tokens, config: LlamaConfig) -> jax.Array:
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 2:
+    raise TreeError(f"tokens must be (batch, length), got shape {tokens.shape}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise TreeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+  if not isinstance(tokens, jax.core.Tracer):
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= config.vocab_size):
+      raise TreeError(
+          f"token ids must lie in [0, {config.vocab_size}), got range "
+          f"[{int(tokens.min())}, {int(tokens.max())}]")
+  return tokens.astype(jnp.int32)
+
+
+def _mask_or_ones(mask, shape) -> jax.Array:
+  if mask is None:
+    return jnp.ones(shape, bool)
+  mask = jnp.asarray(mask)
+  if mask.shape != tuple(shape):
+    raise TreeError(f"attention_mask has shape {mask.shape}, expected {tuple(shape)}")
+  return mask.astype(bool)
+
+
+def _positions_from_mask(mask: jax.Array, start: jax.Array) -> jax.Array:
+  pos = start[:, None] + jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
+  return jnp.maximum(pos, 0)
+
+
+def _inv_freq(config: LlamaConfig) -> np.ndarray:
+  hd = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+  if config.rope_type == "linear":
+    inv = inv / config.rope_factor
+  elif config.rope_type == "llama3":
+    old = config.rope_original_max_positions
+    low_wavelen = old / config.rope_low_freq_factor
+    high_wavelen = old / config.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - config.rope_low_freq_factor) / (
+        config.rope_high_freq_factor - config.rope_low_freq_factor)
+    mid = (1 - smooth) * inv / config.rope_factor + smooth * inv
+    inv = np.where(wavelen > low_wavelen, inv / config.rope_factor,
+                   np.where(wavelen < high_wavelen, inv, mid))
+  return inv.astype(np.float32)
+
+
+def _rope_tables(positions: jax.Array, config: LlamaConfig) -> tuple[jax.Array, jax.Array]:
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(_inv_freq(config))
+  angles = jnp.concatenate([angles, angles], axis=-1)  # (B, T, hd)
+  return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  half = x.shape[-1] // 2
+  x32 = x.astype(jnp.float32)
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale * normed.astype(x.dtype)
+
+
+def _dense(x: jax.Array, p: dict) -> jax.Array:
+  y = x @ p["kernel"]
+  if "bias" in p:
+    y = y + p["bias"]
+  return y
+
+
+def _attention(q, k, v, key_mask, q_slots, config: LlamaConfig):
+  # q: (B, T, H, hd); k, v: (B, S, K, hd); key_mask: (B, S); q_slots: (T,)
+  batch, length, heads, hd = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(batch, length, kv_heads, heads // kv_heads, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / math.sqrt(hd))
+  k_slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+  allowed = k_slots[None, :] <= q_slots[:, None]  # (T, S)
+  if config.sliding_window is not None:
+    allowed &= q_slots[:, None] - k_slots[None, :] < config.sliding_window
+  allowed = allowed[None, :, :] & key_mask[:, None, :]  # (B, T, S)
+  scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(batch, length, heads * hd)
+
+
+def _decoder(params, tokens, config: LlamaConfig, *, positions, key_mask, q_slots, cache, remat):
+  if "layers" not in params or "embed_tokens" not in params:
+    raise TreeError(
+        "params is not a Llama params tree (no 'embed_tokens'/'layers'); load it with "
+        "jlora.models.llama_io.load_llama or make it with jlora.models.llama.init_llama")
+  embedding = params["embed_tokens"]["embedding"]
+  dtype = embedding.dtype
+  batch, length = tokens.shape
+  h = jnp.take(embedding, tokens, axis=0)
+  cos, sin = _rope_tables(positions, config)
+  hd, nh, nkv = config.head_dim, config.num_heads, config.num_kv_heads
+
+  def layer(h, xs):
+    lp, cache_k, cache_v = xs
+    attn_p = lp["self_attn"]
+    x = _rms_norm(h, lp["input_layernorm"]["scale"], config.rms_norm_eps)
+    q = _dense(x, attn_p["q_proj"]).reshape(batch, length, nh, hd)
+    k = _dense(x, attn_p["k_proj"]).reshape(batch, length, nkv, hd)
+    v = _dense(x, attn_p["v_proj"]).reshape(batch, length, nkv, hd)
+    q = _apply_rope(q, cos, sin)
+    k = _apply_rope(k, cos, sin)
+    if cache_k is not None:
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+      k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+    attn = _attention(q, k, v, key_mask, q_slots, config)
+    h = h + _dense(attn.astype(h.dtype), attn_p["o_proj"]).astype(h.dtype)
+    x = _rms_norm(h, lp["post_attention_layernorm"]["scale"], config.rms_norm_eps)
+    mlp_p = lp["mlp"]
+    gated = jax.nn.silu(_dense(x, mlp_p["gate_proj"])) * _dense(x, mlp_p["up_proj"])
+    h = h + _dense(gated, mlp_p["down_proj"]).astype(h.dtype)
+    return h, (cache_k, cache_v)
+
+  if remat:
+    layer = jax.checkpoint(layer)
+  if cache is None:
+    xs = (params["layers"], None, None)
+    index = None
+  else:
+    cache_k, cache_v, index = cache
+    xs = (params["layers"], cache_k, cache_v)
+  h, new_kv = jax.lax.scan(layer, h, xs)
+  h = _rms_norm(h, params["norm"]["scale"], config.rms_norm_eps)
+  if config.tie_word_embeddings:
+    logits = jnp.einsum("btd,vd->btv", h, embedding)
+  else:
+    logits = _dense(h, params["lm_head"])
+  return logits.astype(jnp.float32), new_kv
