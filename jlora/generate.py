@@ -22,6 +22,9 @@ from jlora.models.llama import LlamaConfig, init_llama_cache, llama_forward_cach
 
 __all__ = ["generate", "generate_text"]
 
+# generated lengths are rounded up to a multiple of this, so nearby lengths share a compile
+_STEP_BUCKET = 16
+
 
 def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]] | np.ndarray, *,
              max_new_tokens: int, attention_mask: np.ndarray | None = None,
@@ -87,13 +90,20 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
       mask[i, width - len(r):] = True
   key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
   greedy = temperature == 0 or top_k == 1
+  is_eos = np.zeros((config.vocab_size,), bool)
+  for e in eos:
+    if not 0 <= e < config.vocab_size:
+      raise ConfigError(f"eos token id {e} is outside the vocabulary [0, {config.vocab_size})")
+    is_eos[e] = True
+  steps = -(-int(max_new_tokens) // _STEP_BUCKET) * _STEP_BUCKET
   out = _generate_jit(params, jnp.asarray(tokens), jnp.asarray(mask), key,
                       jnp.float32(temperature if not greedy else 1.0),
+                      jnp.int32(top_k if top_k is not None else config.vocab_size),
                       jnp.float32(top_p if top_p is not None else 1.0),
-                      config=config, max_new_tokens=int(max_new_tokens), greedy=greedy,
-                      top_k=None if greedy else top_k, use_top_p=top_p is not None and top_p < 1,
-                      eos=eos, pad_id=int(pad_token_id))
-  return np.asarray(out)
+                      jnp.asarray(is_eos), jnp.int32(pad_token_id), jnp.int32(max_new_tokens),
+                      config=config, steps=steps, greedy=greedy)
+  out = np.asarray(out)[:, :max_new_tokens]
+  return out
 
 
 def generate_text(params: dict, config: LlamaConfig, tokenizer: Any, prompts: str | Sequence[str],
@@ -183,49 +193,45 @@ def _prompt_rows(prompts, attention_mask, config: LlamaConfig) -> list[np.ndarra
   return rows
 
 
-def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int | None, use_top_p: bool):
+def _sample(logits, key, temperature, top_k, top_p, *, greedy: bool):
+  """Greedy, or temperature then top-k then top-p (on the renormalised top-k), as HF orders them."""
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  neg = jnp.finfo(jnp.float32).min
   logits = logits / temperature
-  if top_k is not None:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, neg, logits)
-  if use_top_p:
-    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-    kept = before < top_p
-    threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, neg, logits)
+  ordered = -jnp.sort(-logits, axis=-1)
+  rank = jnp.arange(logits.shape[-1])
+  in_k = rank < top_k
+  probs = jax.nn.softmax(jnp.where(in_k, ordered, -jnp.inf), axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+  keep = in_k & (before < top_p)
+  threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+  logits = jnp.where(logits < threshold, -jnp.inf, logits)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy", "top_k",
-                                             "use_top_p", "eos", "pad_id"))
-def _generate_jit(params, tokens, mask, key, temperature, top_p, *, config, max_new_tokens,
-                  greedy, top_k, use_top_p, eos, pad_id):
+@functools.partial(jax.jit, static_argnames=("config", "steps", "greedy"))
+def _generate_jit(params, tokens, mask, key, temperature, top_k, top_p, is_eos, pad_id, limit, *,
+                  config, steps, greedy):
   batch, width = tokens.shape
   dtype = params["embed_tokens"]["embedding"].dtype
-  cache = init_llama_cache(config, batch, width + max_new_tokens, dtype)
-  sample = functools.partial(_sample, temperature=temperature, top_p=top_p, greedy=greedy,
-                             top_k=top_k, use_top_p=use_top_p)
+  cache = init_llama_cache(config, batch, width + steps, dtype)
+  sample = functools.partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                             greedy=greedy)
   logits, cache = llama_forward_cached(params, tokens, cache, config, attention_mask=mask)
   key, sub = jax.random.split(key)
   first = sample(logits[:, -1], sub)
-  eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
-  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  out = jnp.full((batch, steps), pad_id, jnp.int32)
   done = jnp.zeros((batch,), bool)
 
   def cond(state):
     step, _, _, _, done, _ = state
-    return (step < max_new_tokens) & ~jnp.all(done)
+    return (step < limit) & ~jnp.all(done)
 
   def body(state):
     step, tok, cache, out, done, key = state
     tok = jnp.where(done, pad_id, tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
-    done = done | jnp.isin(tok, eos_arr)
+    done = done | is_eos[tok]
     logits, cache = llama_forward_cached(params, tok[:, None], cache, config)
     key, sub = jax.random.split(key)
     return step + 1, sample(logits[:, 0], sub), cache, out, done, key
