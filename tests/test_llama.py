@@ -285,6 +285,29 @@ def test_gguf_roundtrip_read_by_transformers(hf_dirs, fwd, tmp_path):
     assert 0 < err < 2e-2
 
 
+def test_gguf_llama3_rope_freqs(hf_dirs, fwd, tmp_path):
+  """llama3 RoPE scaling travels as llama.cpp's rope_freqs tensor and comes back."""
+  # non-standard llama3 settings (original context 16) come back as free-form factors
+  model, folder = hf_dirs["llama3-tied"]
+  config, params = load_llama(folder)
+  f = save_llama_gguf(tmp_path / "l3.gguf", params, config, dtype="f32")
+  config2, params2 = load_llama(f)
+  assert config2.rope_type == "default" and config2.rope_freq_factors is not None
+  ids = _ids((2, 12))
+  ref = _torch_logits(model, ids)
+  np.testing.assert_allclose(np.asarray(fwd(params2, ids, config=config2)), ref, atol=2e-5,
+                             rtol=1e-4)
+  plain = np.asarray(fwd(params2, ids, config=config2.replace(rope_freq_factors=None)))
+  assert np.abs(plain - ref).max() > 1e-3  # the factors matter at these positions
+  with pytest.raises(ConfigError, match="rope_freq_factors"):
+    save_llama(tmp_path / "hf", params2, config2)
+  # Llama 3.1's own settings are recognised as llama3 scaling
+  standard = config.replace(rope_original_max_positions=8192, max_position_embeddings=131072)
+  f = save_llama_gguf(tmp_path / "l31.gguf", params, standard, dtype="f32")
+  config3, _ = load_llama(f)
+  assert config3.replace(rms_norm_eps=standard.rms_norm_eps) == standard
+
+
 def test_gguf_errors(tmp_path, hf_dirs):
   _, folder = hf_dirs["llama-bias"]
   config, params = load_llama(folder)

@@ -85,6 +85,8 @@ class LlamaConfig:
     eos_token_ids: ids that end generation.
     pad_token_id: id written after generation stopped, or ``None``.
     model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"``; chooses the saved config format.
+    rope_freq_factors: ``head_dim // 2`` divisors of the RoPE frequencies (llama.cpp's
+      ``rope_freqs`` tensor), applied after ``rope_type``'s scaling; ``None``: none.
 
   Example:
     >>> from jlora.models.llama import LlamaConfig
@@ -118,6 +120,7 @@ class LlamaConfig:
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
   model_type: str = "llama"
+  rope_freq_factors: tuple[float, ...] | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -148,6 +151,13 @@ class LlamaConfig:
     if self.sliding_window is not None and self.sliding_window <= 0:
       raise ConfigError(
           f"LlamaConfig.sliding_window must be None or positive, got {self.sliding_window!r}")
+    if self.rope_freq_factors is not None:
+      factors = tuple(float(f) for f in np.asarray(self.rope_freq_factors).reshape(-1))
+      if len(factors) != self.head_dim // 2 or not all(f > 0 for f in factors):
+        raise ConfigError(
+            f"LlamaConfig.rope_freq_factors must hold head_dim // 2 = {self.head_dim // 2} "
+            f"positive numbers, got {len(factors)}")
+      object.__setattr__(self, "rope_freq_factors", factors)
     eos = self.eos_token_ids
     if isinstance(eos, (int, np.integer)):
       eos = (eos,)
@@ -415,6 +425,8 @@ def _inv_freq(config: LlamaConfig) -> np.ndarray:
     mid = (1 - smooth) * inv / config.rope_factor + smooth * inv
     inv = np.where(wavelen > low_wavelen, inv / config.rope_factor,
                    np.where(wavelen < high_wavelen, inv, mid))
+  if config.rope_freq_factors is not None:
+    inv = inv / np.asarray(config.rope_freq_factors, np.float64)
   return inv.astype(np.float32)
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._errors import ConfigError, ModelError
-from jlora.models.llama import LlamaConfig, _param_shapes
+from jlora.models.llama import LlamaConfig, _inv_freq, _param_shapes
 
 __all__ = [
     "load_llama",
@@ -182,11 +182,8 @@ def save_llama_gguf(path: str | os.PathLike, params: dict, config: LlamaConfig, 
     raise ModelError(f"{path} already exists; pass overwrite=True to replace it")
   if dtype not in ("f16", "f32"):
     raise ConfigError(f"save_llama_gguf dtype must be 'f16' or 'f32', got {dtype!r}")
-  if config.rope_type == "llama3":
-    raise ConfigError(
-        "save_llama_gguf does not write llama3 RoPE scaling (llama.cpp stores it as a "
-        "rope_freqs tensor); save a Hugging Face folder with save_llama and convert it with "
-        "llama.cpp's convert_hf_to_gguf.py")
+  if config.rope_type == "linear" and (config.rope_freq_factors is not None):
+    raise ConfigError("save_llama_gguf cannot combine linear RoPE scaling with rope_freq_factors")
   arch = "qwen2" if config.model_type == "qwen2" else "llama"
   source = None
   if tokenizer_from is not None:
@@ -230,6 +227,9 @@ def save_llama_gguf(path: str | os.PathLike, params: dict, config: LlamaConfig, 
           setter(int(value))
     for gguf_name, array in _to_gguf_tensors(arrays, config, arch, dtype):
       writer.add_tensor(gguf_name, array)
+    factors = _rope_factors(config)
+    if factors is not None:  # llama.cpp's encoding of llama3 (or free-form) frequency scaling
+      writer.add_tensor("rope_freqs.weight", factors)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -373,6 +373,10 @@ def llama_config_to_hf(config: LlamaConfig) -> dict:
         "use model_type='qwen2' for q/k/v-only biases")
   if config.model_type == "qwen2" and (not config.attention_bias or config.attention_out_bias):
     raise ConfigError("a qwen2 config needs attention_bias=True and attention_out_bias=False")
+  if config.rope_freq_factors is not None:
+    raise ConfigError(
+        "a config.json cannot express free-form rope_freq_factors (from a GGUF rope_freqs "
+        "tensor that matches no llama3 scaling); save it as GGUF with save_llama_gguf")
   if config.model_type != "llama" and config.mlp_bias:
     raise ConfigError(f"a {config.model_type} config.json cannot express mlp_bias=True")
   hf: dict[str, Any] = {
@@ -687,10 +691,6 @@ def _read_gguf(file: Path) -> tuple[LlamaConfig, dict]:
       raise ModelError(f"{file} lacks GGUF metadata {arch}.{key}")
     return value
 
-  if "rope_freqs.weight" in tensors:
-    raise ModelError(
-        f"{file} uses per-frequency RoPE factors (rope_freqs.weight, Llama 3.1+ long context), "
-        "which jlora cannot load from GGUF; load the Hugging Face checkpoint instead")
   scaling = meta("rope.scaling.type", "none")
   if scaling not in ("none", "linear"):
     raise ModelError(f"{file} uses RoPE scaling {scaling!r}; jlora supports none and linear")
@@ -727,6 +727,10 @@ def _read_gguf(file: Path) -> tuple[LlamaConfig, dict]:
         pad_token_id=_gguf_field(reader, "tokenizer.ggml.padding_token_id"),
         model_type="qwen2" if arch == "qwen2" else "llama",
     )
+    if "rope_freqs.weight" in tensors:
+      t = tensors["rope_freqs.weight"]
+      factors = np.asarray(t.data, np.float32).reshape(-1)
+      config = _rope_config_from_factors(config, factors)
   except ConfigError as e:
     raise ModelError(f"{file} has inconsistent GGUF metadata: {e}") from e
 
@@ -763,10 +767,33 @@ def _read_gguf(file: Path) -> tuple[LlamaConfig, dict]:
       parts.append(a.T if path[-1] == "kernel" else a)
     value = np.stack(parts) if path[0] == "layers" else parts[0]
     _set_path(arrays, path, value)
-  extra = sorted(set(tensors) - used)
+  extra = sorted(set(tensors) - used - {"rope_freqs.weight"})
   if extra:
     raise ModelError(f"{file} holds tensors jlora.models.llama does not know: {extra[:5]}")
   return config, arrays
+
+
+def _rope_factors(config: LlamaConfig) -> np.ndarray | None:
+  """Divisors of the default RoPE frequencies that give config's (llama3 / free-form) ones."""
+  if config.rope_type != "llama3" and config.rope_freq_factors is None:
+    return None
+  plain = config.replace(rope_type="default", rope_freq_factors=None)
+  return (_inv_freq(plain).astype(np.float64) / _inv_freq(config)).astype(np.float32)
+
+
+def _rope_config_from_factors(config: LlamaConfig, factors: np.ndarray) -> LlamaConfig:
+  """llama3 scaling when the factors are one (as llama.cpp writes it), else free-form factors."""
+  if factors.shape != (config.head_dim // 2,):
+    raise ModelError(
+        f"rope_freqs.weight has shape {factors.shape}, expected ({config.head_dim // 2},)")
+  if config.rope_type == "default" and factors.max() > 1:
+    for orig in dict.fromkeys((8192, config.max_position_embeddings, 4096, 2048, 16384, 32768)):
+      candidate = config.replace(
+          rope_type="llama3", rope_factor=float(factors.max()), rope_low_freq_factor=1.0,
+          rope_high_freq_factor=4.0, rope_original_max_positions=orig)
+      if np.allclose(_rope_factors(candidate), factors, rtol=1e-4, atol=1e-6):
+        return candidate
+  return config.replace(rope_freq_factors=tuple(float(f) for f in factors))
 
 
 def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
