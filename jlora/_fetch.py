@@ -87,9 +87,9 @@ def fetch(package: str | Package, *, quiet: bool = True) -> Path:
     >>> from jlora._fetch import fetch
     >>> root = fetch("vadersentiment")  # doctest: +SKIP
   """
-  pkg = PACKAGES[package] if isinstance(package, str) else package
   if isinstance(package, str) and package not in PACKAGES:
     raise FetchError(f"unknown packaged resource {package!r}; known: {sorted(PACKAGES)}")
+  pkg = PACKAGES[package] if isinstance(package, str) else package
   root = cache_dir()
   final = root / f"{pkg.name}-{pkg.version}"
   if (final / ".complete").exists():
