@@ -297,7 +297,8 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
       log(f"{split}: " + _fmt_metrics(results[split]))
   adapter_dir = out / "adapter"
   from jlora._checkpoint import save_adapters  # noqa: PLC0415
-  save_adapters(adapter_dir, jlora.combine(trainable, frozen), overwrite=True,
+  host_tree = jax.tree.map(np.asarray, jlora.combine(trainable, frozen))  # numpy: fast fingerprint
+  save_adapters(adapter_dir, host_tree, overwrite=True,
                 metadata={"method": cfg.method.name, "model": cfg.model.name, "step": step,
                           "num_labels": num_labels})
   dump_config(cfg, adapter_dir.parent / "config.yaml")
@@ -439,7 +440,7 @@ def load_run(run_dir: str | os.PathLike | None = None, *, cfg: Config | None = N
     tree = model.params
   else:
     from jlora._checkpoint import load_adapters  # noqa: PLC0415
-    tree = load_adapters(adapter, model.params)
+    tree = load_adapters(adapter, jax.tree.map(np.asarray, model.params))
   return Run(cfg, family, tree, model.tokenizer, model.handle, model.forward)
 
 
@@ -952,18 +953,18 @@ def _make_train_step(cfg: Config, model: _Model, frozen: Any, tx: optax.Gradient
   forward = jlora.lora(lambda p, batch, det, rng: model.forward(p, batch, det, rng))
   schedule = _schedule(cfg, total_steps)
 
-  def micro_loss(trainable, batch, rng):
+  def micro_loss(trainable, frozen, batch, rng):
     logits = forward(jlora.combine(trainable, frozen), batch, False, rng)
     return _loss_sum(task, logits, batch)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   @jax.jit
-  def step(trainable, opt_state, batches, rng):
+  def step(trainable, frozen, opt_state, batches, rng):
     def body(carry, xs):
       g_acc, l_acc, n_acc = carry
       batch, i = xs
-      (loss, count), g = grad_fn(trainable, batch, jax.random.fold_in(rng, i))
+      (loss, count), g = grad_fn(trainable, frozen, batch, jax.random.fold_in(rng, i))
       g_acc = jax.tree.map(jnp.add, g_acc, g)
       return (g_acc, l_acc + loss, n_acc + count), None
 
@@ -979,8 +980,10 @@ def _make_train_step(cfg: Config, model: _Model, frozen: Any, tx: optax.Gradient
                                   "count": count}
 
   def run(trainable, opt_state, batches, rng, step_index):
-    new_t, new_s, m = step(trainable, opt_state, {k: jnp.asarray(v) for k, v in batches.items()},
-                           rng)
+    # frozen is an argument, not a closure constant: XLA would otherwise constant-fold
+    # transposes of every base weight at compile time.
+    new_t, new_s, m = step(trainable, frozen, opt_state,
+                           {k: jnp.asarray(v) for k, v in batches.items()}, rng)
     m = dict(m)
     m["lr"] = float(schedule(step_index))
     return new_t, new_s, m
