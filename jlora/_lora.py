@@ -1,4 +1,4 @@
-"""``jlora.lora(fn)``: run an unmodified function on a tree with LoRA leaves."""
+"""``jlora.lora(fn)``: run an unmodified function on a tree with LoRA leaves, low-rank."""
 
 from __future__ import annotations
 
@@ -6,26 +6,59 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from jlora._tree import merge
+from jlora._rewrite import RewriteError, lift
 
-__all__ = ["lora"]
+__all__ = ["lora", "RewriteError"]
 
 
 def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
   """Lifts ``fn`` so it accepts trees with LoRA leaves anywhere in its arguments.
 
-  The lifted function computes exactly ``fn`` on the merged params. This
-  version merges every adapter before calling ``fn`` (exact, and gradients flow
-  to ``A`` and ``B`` only); the factored path that never forms ``W + BA`` keeps
-  this signature.
+  The lifted function computes ``fn`` on the merged params without ever
+  forming ``W + s * A @ B``: ``fn`` is traced once with each adapted base as an
+  input, and every contraction that consumes a base (``x @ W``, ``einsum``,
+  ``dot_general``, ``conv_general_dilated``, an embedding ``take``/``gather``)
+  becomes ``x @ W + s * (x @ A) @ B`` with the same dimension numbers. This
+  also holds when the base is cast, transposed, reshaped, squeezed, broadcast,
+  sliced or indexed first, and inside ``lax.scan`` (a stacked ``(L, in, out)``
+  kernel scanned over layers), ``fori_loop`` / ``while_loop``, ``cond`` /
+  ``switch``, ``jax.checkpoint``, ``jit`` and ``custom_jvp`` / ``custom_vjp``
+  functions (their bodies are rewritten and differentiated by JAX; the custom
+  rule is kept where no adapted weight enters). Works on a Flax linen
+  ``apply``, an NNX ``merge(graphdef, state)`` call, Equinox-style modules and
+  plain functions, and on ``jlora.llama`` / ``jlora.models.bert``.
+
+  The base is wrapped in ``stop_gradient``, so ``jax.grad`` through the lifted
+  function never computes a weight gradient for it: a training step costs
+  about ``4 N`` FLOPs per token instead of ``6 N``.
+
+  A use of an adapted weight that cannot stay low-rank (an elementwise op on
+  the weight itself, a reduction over it, returning it) forms ``W + s A B`` for
+  that use only: exact, and logged at DEBUG level on
+  ``logging.getLogger("jlora")`` with the primitive and the leaf's path. With
+  ``strict=True`` such a use raises :class:`jlora.RewriteError` instead.
+
+  LoRA dropout (``jlora.LoRA(r, dropout=p)``) is applied to the input of the
+  low-rank path only, as PEFT does, and only when the lifted function gets a
+  PRNG key: ``lora(fn)(tree, x, lora_key=key)``. Without ``lora_key`` the
+  path is deterministic (evaluation). Each use of an adapted weight (and each
+  scanned layer) draws its own mask from that key.
+
+  Non-array leaves of the arguments (Python numbers, strings, configs) are
+  passed to ``fn`` unchanged, as static values. ``fn`` must return arrays.
 
   Args:
-    fn: any JAX function, e.g. a Flax ``model.apply``.
-    strict: reserved for the factored path (raise instead of merging a leaf it
-      cannot rewrite); merging is always exact here.
+    fn: any JAX function, e.g. a Flax ``model.apply`` or ``jlora.llama.llama_forward``.
+    strict: raise :class:`jlora.RewriteError` instead of merging a use that
+      cannot be rewritten.
 
   Returns:
-    A function with ``fn``'s signature.
+    ``lifted(*args, lora_key=None, **kwargs)`` with ``fn``'s signature plus the
+    keyword-only ``lora_key`` (a PRNG key for LoRA dropout; ``None`` = off).
+
+  Raises:
+    TreeError: a LoRA leaf lacks its base or factors (a half of ``split``).
+    RewriteError: with ``strict=True``, a use that cannot stay low-rank.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -33,12 +66,11 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
     >>> tree = jlora.wrap({"k": jnp.eye(3)}, {"k": jlora.LoRA(1)}, key=jax.random.key(0))
     >>> jlora.lora(f)(tree, jnp.ones((2, 3))).shape
     (2, 3)
+    >>> bad = lambda p, x: x @ jnp.tanh(p["k"])   # tanh of the weight itself
+    >>> jlora.lora(bad, strict=True)(tree, jnp.ones((2, 3)))
+    Traceback (most recent call last):
+    ...
+    jlora._rewrite.RewriteError: jlora.lora: the primitive 'tanh' uses the adapted weight 'k' ...
   """
-  del strict
-
-  @functools.wraps(fn)
-  def lifted(*args, **kwargs):
-    args, kwargs = merge((args, kwargs))
-    return fn(*args, **kwargs)
-
-  return lifted
+  lifted = lift(fn, strict=strict)
+  return functools.wraps(fn)(lifted)

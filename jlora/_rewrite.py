@@ -1,0 +1,806 @@
+"""The jaxpr interpreter behind :func:`jlora.lora`: contractions with adapted bases go low-rank.
+
+``fn`` is traced once with every adapted base ``W`` as an ordinary input, then
+its jaxpr is evaluated here with each such input replaced by a :class:`_Lazy`
+value: the (frozen, ``stop_gradient``-ed) base together with its factors.
+Shape-only operations on a lazy value (cast, transpose, reshape, squeeze,
+broadcast, slice, dynamic slice, gather along stacked axes) are applied to the
+base and to the factors, so the value stays lazy. Contractions that consume it
+(``dot_general``, ``conv_general_dilated``, an embedding ``gather``) compute
+``op(x, W) + s * op(op(x, A), B)`` and never form ``W + s A B``. Control flow
+(``scan``, ``while``, ``cond``, ``remat``) is rebuilt around the interpreted
+bodies; calls (``jit``, ``custom_jvp``, ``custom_vjp``) are inlined. Any other
+use of a lazy value materialises that value (exact), logs it at DEBUG on the
+``"jlora"`` logger, or raises :class:`RewriteError` in strict mode.
+
+Lazy layout: ``sides[i]`` says which factor carries value axis ``i``: ``"L"``
+(only ``a``), ``"R"`` (only ``b``) or ``"S"`` (both: stacked layers). ``a`` has
+the value's ``L``/``S`` axes in value order and then the rank axis; ``b`` its
+``R``/``S`` axes in value order and then the rank axis. The value is
+``base + scale * sum_r a[..., r] * b[..., r]`` (broadcast over the axes each
+factor lacks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+from jlora._errors import JloraError
+
+try:  # name stacks make profiles and HLO readable; optional
+  from jax._src import source_info_util as _siu
+except ImportError:  # pragma: no cover
+  _siu = None
+
+__all__ = ["RewriteError", "lift"]
+
+logger = logging.getLogger("jlora")
+
+
+class RewriteError(JloraError, ValueError):
+  """``jlora.lora(fn, strict=True)`` met a use of an adapted weight it cannot keep low-rank."""
+
+
+# -- the lazy value ---------------------------------------------------------------------------
+
+class _Lazy:
+  """``base + scale * (a (x) b)`` summed over the rank axis; see the module docstring."""
+
+  __slots__ = ("base", "a", "b", "sides", "scale", "dropout", "path")
+
+  def __init__(self, base, a, b, sides: tuple[str, ...], scale: float, dropout: float, path: str):
+    self.base, self.a, self.b = base, a, b
+    self.sides, self.scale, self.dropout, self.path = tuple(sides), scale, dropout, path
+
+  def replace(self, **kw) -> _Lazy:
+    f = {s: getattr(self, s) for s in self.__slots__}
+    f.update(kw)
+    return _Lazy(**f)
+
+  @property
+  def shape(self):
+    return tuple(self.base.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.sides)
+
+  @property
+  def rank(self) -> int:
+    return self.a.shape[-1]
+
+
+jax.tree_util.register_pytree_node(
+    _Lazy,
+    lambda z: ((z.base, z.a, z.b), (z.sides, z.scale, z.dropout, z.path)),
+    lambda aux, ch: _Lazy(*ch, *aux),
+)
+
+
+def _axes_of(sides: Sequence[str], factor: str) -> list[int]:
+  """The value axes a factor carries, in value order (its rank axis comes after them)."""
+  skip = "R" if factor == "a" else "L"
+  return [i for i, s in enumerate(sides) if s != skip]
+
+
+def _is_lazy(x) -> bool:
+  return isinstance(x, _Lazy)
+
+
+def _acc(*dtypes) -> Any:
+  return jnp.float64 if any(jnp.dtype(d) == jnp.float64 for d in dtypes) else jnp.float32
+
+
+def _compute_dtype(lz: _Lazy, x=None) -> Any:
+  """The low-rank path's dtype: the widest of the input's and the factors' (PEFT casts the
+  input to the adapter's dtype; on a float32 input a bfloat16 adapter would lose precision)."""
+  dt = jnp.promote_types(lz.a.dtype, lz.b.dtype)
+  if x is not None and jnp.issubdtype(x.dtype, jnp.floating):
+    dt = jnp.promote_types(dt, x.dtype)
+  return dt
+
+
+def _delta(lz: _Lazy) -> jax.Array:
+  """``scale * a (x) b`` in the value's layout (float32/64): the full-size update."""
+  letters = string.ascii_letters[:lz.ndim]
+  r = string.ascii_letters[lz.ndim]
+  la = "".join(letters[i] for i in _axes_of(lz.sides, "a")) + r
+  lb = "".join(letters[i] for i in _axes_of(lz.sides, "b")) + r
+  acc = _acc(lz.a.dtype, lz.b.dtype)
+  d = jnp.einsum(f"{la},{lb}->{letters}", lz.a.astype(acc), lz.b.astype(acc),
+                 precision=lax.Precision.HIGHEST)
+  return _scaled(d, lz.scale)
+
+
+def _materialise(lz: _Lazy) -> jax.Array:
+  acc = _acc(lz.base.dtype, lz.a.dtype, lz.b.dtype)
+  return (lz.base.astype(acc) + _delta(lz)).astype(lz.base.dtype)
+
+
+# -- context ----------------------------------------------------------------------------------
+
+class _Ctx:
+  """Per-(sub)jaxpr state: the dropout key, strictness, a counter for fresh subkeys."""
+
+  def __init__(self, key, strict: bool, unroll: bool = False):
+    self.key, self.strict, self.unroll, self.count = key, strict, unroll, 0
+
+  def next_key(self):
+    k = jax.random.fold_in(self.key, self.count)
+    self.count += 1
+    return k
+
+  def child(self, key) -> _Ctx:
+    return _Ctx(key, self.strict, self.unroll)
+
+  def give_up(self, lz: _Lazy, what: str) -> jax.Array:
+    """Materialises ``lz`` for a use the rewrite does not cover (or raises when strict)."""
+    msg = (f"jlora.lora: {what} uses the adapted weight {lz.path!r} (shape {lz.shape}) in a way "
+           "that cannot stay low-rank, so W + s*A@B is formed for that use")
+    if self.strict:
+      raise RewriteError(
+          msg + "; rewrite the model to contract the weight directly (x @ W, einsum, conv, take), "
+          "or call jlora.lora(fn) without strict=True to accept the merge")
+    logger.debug(msg)
+    return _materialise(lz)
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+def lift(fn: Callable[..., Any], *, strict: bool, unroll: bool = False) -> Callable[..., Any]:
+  """``fn`` on trees with LoRA leaves, evaluated with low-rank contractions (see module doc).
+
+  ``unroll=True`` also fully unrolls every ``lax.scan`` (used to count FLOPs:
+  XLA's cost analysis counts a loop body once).
+  """
+  from jlora._tree import FullWeight, LoraWeight, is_adapted  # noqa: PLC0415
+  from jlora._paths import path_str  # noqa: PLC0415
+  from jlora._errors import TreeError  # noqa: PLC0415
+
+  def lifted(*args, lora_key=None, **kwargs):
+    flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_adapted)
+    dyn_pos, dyn_vals, lazies = [], [], {}
+    static = [None] * len(flat)
+    for i, (kp, leaf) in enumerate(flat):
+      if isinstance(leaf, LoraWeight):
+        if leaf.w is None or leaf.a is None or leaf.b is None:
+          raise TreeError(
+              f"jlora.lora: the adapter at {_user_path(kp, path_str)!r} is missing its base or "
+              "factors; pass the whole tree (jlora.combine(trainable, frozen)), not one half")
+        lazies[len(dyn_vals)] = _lazy_from_leaf(leaf, _user_path(kp, path_str))
+        dyn_pos.append(i)
+        dyn_vals.append(leaf.w)
+      elif isinstance(leaf, FullWeight):
+        dyn_pos.append(i)
+        dyn_vals.append(leaf.w)
+      elif isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+        dyn_pos.append(i)
+        dyn_vals.append(leaf)
+      else:
+        static[i] = leaf
+
+    def traced(*dyn):
+      leaves = list(static)
+      for i, v in zip(dyn_pos, dyn):
+        leaves[i] = v
+      a, k = jax.tree_util.tree_unflatten(treedef, leaves)
+      return fn(*a, **k)
+
+    if not lazies and not unroll:
+      return traced(*dyn_vals)
+    closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(*dyn_vals)
+    ins = [lazies.get(j, v) for j, v in enumerate(dyn_vals)]
+    ctx = _Ctx(lora_key, strict, unroll)
+    outs = _eval(closed.jaxpr, closed.consts, ins, ctx)
+    outs = [ctx.give_up(o, "returning it from the function") if _is_lazy(o) else o for o in outs]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+  return lifted
+
+
+def _user_path(kp, path_str) -> str:
+  # kp starts with (tuple index of (args, kwargs), arg index or kwarg name)
+  where, rest = kp[:2], kp[2:]
+  p = path_str(rest)
+  if where[0].idx == 0:
+    if where[1].idx == 0:
+      return p
+    name = f"argument {where[1].idx}"
+  else:
+    name = f"keyword {where[1].key!r}"
+  return f"{p} ({name})" if p else name
+
+
+def _lazy_from_leaf(leaf, path: str) -> _Lazy:
+  axes = leaf.axes
+  ndim = len(leaf.w.shape)
+  sides = ["S"] * ndim
+  for i in axes.inputs:
+    sides[i] = "L"
+  for i in axes.outputs:
+    sides[i] = "R"
+  ns = len(axes.stack)
+  # a: stack + inputs (spec order) + r  ->  stack + sorted(inputs) + r
+  a = leaf.a
+  perm = list(range(ns)) + [ns + axes.inputs.index(i) for i in sorted(axes.inputs)] + [a.ndim - 1]
+  if perm != list(range(a.ndim)):
+    a = jnp.transpose(a, perm)
+  # b: stack + r + outputs (spec order)  ->  stack + sorted(outputs) + r
+  b = leaf.b
+  perm = list(range(ns)) + [ns + 1 + axes.outputs.index(i) for i in sorted(axes.outputs)] + [ns]
+  if perm != list(range(b.ndim)):
+    b = jnp.transpose(b, perm)
+  return _Lazy(lax.stop_gradient(leaf.w), a, b, tuple(sides), float(leaf.scale),
+               float(leaf.spec.dropout), path)
+
+
+# -- the evaluator ----------------------------------------------------------------------------
+
+def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: _Ctx) -> list[Any]:
+  env: dict[Any, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, jcore.Literal) else env[v]
+
+  def write(v, x):
+    if not isinstance(v, jcore.DropVar):
+      env[v] = x
+
+  for v, x in zip(jaxpr.constvars, consts):
+    write(v, x)
+  for v, x in zip(jaxpr.invars, args):
+    write(v, x)
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    with _eqn_context(eqn):
+      rule = _CONTROL.get(eqn.primitive.name)
+      if any(_is_lazy(x) for x in invals) or (ctx.unroll and rule is not None):
+        outs = _apply_rule(eqn, invals, ctx)
+      else:
+        outs = _bind(eqn, invals)
+    if not eqn.primitive.multiple_results:
+      outs = [outs]
+    for v, x in zip(eqn.outvars, outs):
+      write(v, x)
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _eqn_context(eqn):
+  stack = contextlib.ExitStack()
+  if _siu is not None:
+    try:
+      name_stack = _siu.current_name_stack() + eqn.source_info.name_stack
+      stack.enter_context(_siu.user_context(eqn.source_info.traceback, name_stack=name_stack))
+    except Exception:  # pragma: no cover - best effort across jax versions
+      pass
+  manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+  if manager is not None:
+    stack.enter_context(manager)
+  return stack
+
+
+def _bind(eqn, invals, params=None):
+  params = eqn.params if params is None else params
+  bp = eqn.primitive.get_bind_params(params)
+  if isinstance(bp, tuple):  # older jax: (subfuns, params)
+    subfuns, bp = bp
+    return eqn.primitive.bind(*subfuns, *invals, **bp)
+  return eqn.primitive.bind(*invals, **bp)
+
+
+def _apply_rule(eqn, invals, ctx: _Ctx):
+  name = eqn.primitive.name
+  rule = _CONTROL.get(name) or _CONSUMERS.get(name)
+  if rule is not None:
+    out = rule(eqn, invals, ctx)
+    if out is not None:
+      return out
+  elif name in _TRANSFORMS and _is_lazy(invals[0]) and not any(_is_lazy(x) for x in invals[1:]):
+    out = _TRANSFORMS[name](eqn, invals[0], invals[1:])
+    if out is not None:
+      return out
+  invals = [ctx.give_up(x, f"the primitive {name!r}") if _is_lazy(x) else x for x in invals]
+  return _bind(eqn, invals)
+
+
+def _bind_base(eqn, lz: _Lazy, rest) -> jax.Array:
+  return _bind(eqn, [lz.base, *rest])
+
+
+# -- shape-only transforms: the value stays lazy ------------------------------------------------
+
+def _t_convert(eqn, lz, rest):
+  if not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
+    return None
+  return lz.replace(base=_bind_base(eqn, lz, rest))
+
+
+def _t_identity(eqn, lz, rest):
+  return lz.replace(base=_bind_base(eqn, lz, rest))
+
+
+def _t_stop_gradient(eqn, lz, rest):
+  return lz.replace(base=_bind_base(eqn, lz, rest), a=lax.stop_gradient(lz.a),
+                    b=lax.stop_gradient(lz.b))
+
+
+def _t_transpose(eqn, lz, rest):
+  perm = tuple(eqn.params["permutation"])
+  sides = tuple(lz.sides[p] for p in perm)
+  out = {}
+  for f in ("a", "b"):
+    old = _axes_of(lz.sides, f)
+    fperm = [old.index(p) for p in perm if p in old] + [len(old)]
+    x = getattr(lz, f)
+    out[f] = x if fperm == list(range(len(fperm))) else lax.transpose(x, fperm)
+  return lz.replace(base=_bind_base(eqn, lz, rest), sides=sides, **out)
+
+
+def _t_squeeze(eqn, lz, rest):
+  dims = {d % lz.ndim for d in eqn.params["dimensions"]}
+  sides = tuple(s for i, s in enumerate(lz.sides) if i not in dims)
+  out = {}
+  for f in ("a", "b"):
+    old = _axes_of(lz.sides, f)
+    fd = [old.index(d) for d in sorted(dims) if d in old]
+    out[f] = lax.squeeze(getattr(lz, f), fd) if fd else getattr(lz, f)
+  return lz.replace(base=_bind_base(eqn, lz, rest), sides=sides, **out)
+
+
+def _reshape_groups(old: Sequence[int], new: Sequence[int]):
+  """Groups of non-unit axes ``(old_axes, new_axes)`` with equal products, or None."""
+  if 0 in old or 0 in new:
+    return None
+  oi = [i for i, d in enumerate(old) if d != 1]
+  ni = [j for j, d in enumerate(new) if d != 1]
+  groups, i, j = [], 0, 0
+  while i < len(oi) and j < len(ni):
+    go, gn = [oi[i]], [ni[j]]
+    po, pn = old[oi[i]], new[ni[j]]
+    i, j = i + 1, j + 1
+    while po != pn:
+      if po < pn:
+        if i >= len(oi):
+          return None
+        go.append(oi[i])
+        po *= old[oi[i]]
+        i += 1
+      else:
+        if j >= len(ni):
+          return None
+        gn.append(ni[j])
+        pn *= new[ni[j]]
+        j += 1
+    groups.append((go, gn))
+  if i != len(oi) or j != len(ni):
+    return None
+  return groups
+
+
+def _t_reshape(eqn, lz, rest):
+  if eqn.params.get("dimensions") is not None or rest:
+    return None
+  new = tuple(eqn.params["new_sizes"])
+  groups = _reshape_groups(lz.shape, new)
+  if groups is None:
+    return None
+  sides = ["L"] * len(new)  # new unit axes live in a only
+  for go, gn in groups:
+    kinds = {lz.sides[i] for i in go}
+    if len(kinds) != 1:
+      return None  # merges an input axis with an output axis: not low-rank any more
+    (side,) = kinds
+    for j in gn:
+      sides[j] = side
+  out = {}
+  for f in ("a", "b"):
+    x = getattr(lz, f)
+    shape = tuple(new[j] for j in _axes_of(sides, f)) + (lz.rank,)
+    out[f] = x if tuple(x.shape) == shape else x.reshape(shape)
+  return lz.replace(base=_bind_base(eqn, lz, rest), sides=tuple(sides), **out)
+
+
+def _t_broadcast(eqn, lz, rest):
+  if rest:
+    return None  # dynamic shapes
+  shape = tuple(eqn.params["shape"])
+  bd = tuple(eqn.params["broadcast_dimensions"])
+  sides = ["L"] * len(shape)  # new axes live in a only
+  for k, j in enumerate(bd):
+    sides[j] = lz.sides[k]
+  out = {}
+  for f in ("a", "b"):
+    old = _axes_of(lz.sides, f)
+    new = _axes_of(sides, f)
+    fshape = tuple(shape[j] for j in new) + (lz.rank,)
+    fbd = tuple(new.index(bd[k]) for k in old) + (len(new),)
+    out[f] = lax.broadcast_in_dim(getattr(lz, f), fshape, fbd)
+  return lz.replace(base=_bind_base(eqn, lz, rest), sides=tuple(sides), **out)
+
+
+def _t_slice(eqn, lz, rest):
+  p = eqn.params
+  strides = p.get("strides")
+  out = {}
+  for f in ("a", "b"):
+    ax = _axes_of(lz.sides, f)
+    x = getattr(lz, f)
+    out[f] = lax.slice(x, [p["start_indices"][i] for i in ax] + [0],
+                       [p["limit_indices"][i] for i in ax] + [lz.rank],
+                       None if strides is None else [strides[i] for i in ax] + [1])
+  return lz.replace(base=_bind_base(eqn, lz, rest), **out)
+
+
+def _t_dynamic_slice(eqn, lz, rest):
+  sizes = eqn.params["slice_sizes"]
+  if len(rest) != lz.ndim:
+    return None
+  out = {}
+  for f in ("a", "b"):
+    ax = _axes_of(lz.sides, f)
+    zero = jnp.zeros((), jnp.asarray(rest[0]).dtype) if rest else 0
+    x = getattr(lz, f)
+    out[f] = lax.dynamic_slice(x, [rest[i] for i in ax] + [zero], [sizes[i] for i in ax] + [lz.rank])
+  return lz.replace(base=_bind_base(eqn, lz, rest), **out)
+
+
+_TRANSFORMS: dict[str, Callable] = {
+    "convert_element_type": _t_convert,
+    "copy": _t_identity,
+    "copy_p": _t_identity,
+    "sharding_constraint": _t_identity,
+    "stop_gradient": _t_stop_gradient,
+    "transpose": _t_transpose,
+    "squeeze": _t_squeeze,
+    "reshape": _t_reshape,
+    "broadcast_in_dim": _t_broadcast,
+    "slice": _t_slice,
+    "dynamic_slice": _t_dynamic_slice,
+}
+
+
+# -- consumers: the low-rank contraction ------------------------------------------------------
+
+def _dropout(x, lz: _Lazy, ctx: _Ctx):
+  if ctx.key is None or lz.dropout <= 0.0:
+    return x
+  keep = jax.random.bernoulli(ctx.next_key(), 1.0 - lz.dropout, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - lz.dropout, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _lowrank(x, xl: str, lz: _Lazy, vl: str, outl: str, ctx: _Ctx, precision) -> jax.Array:
+  """``scale * einsum(x, W_delta)`` as two small contractions through the rank axis."""
+  used = set(xl) | set(vl) | set(outl)
+  r = next(c for c in string.ascii_letters if c not in used)
+  la = "".join(vl[i] for i in _axes_of(lz.sides, "a")) + r
+  lb = "".join(vl[i] for i in _axes_of(lz.sides, "b")) + r
+  contracted = (set(xl) & set(vl)) - set(outl)
+  first_a = len(contracted & set(la)) >= len(contracted & set(lb))
+  (f1, l1), (f2, l2) = ((lz.a, la), (lz.b, lb)) if first_a else ((lz.b, lb), (lz.a, la))
+  cd = _compute_dtype(lz, x)
+  acc = _acc(cd)
+  x = _dropout(x, lz, ctx).astype(cd)
+  need = set(l2) | set(outl)
+  keep = "".join(dict.fromkeys(c for c in xl + l1 if c in need))
+  t = jnp.einsum(f"{xl},{l1}->{keep}", x, f1.astype(cd), precision=precision,
+                 preferred_element_type=acc).astype(cd)
+  d = jnp.einsum(f"{keep},{l2}->{outl}", t, f2.astype(cd), precision=precision,
+                 preferred_element_type=acc)
+  return _scaled(d, lz.scale)
+
+
+def _scaled(d, scale: float):
+  return d if scale == 1.0 else d * jnp.asarray(scale, d.dtype)
+
+
+def _add(base_out, delta):
+  acc = _acc(base_out.dtype, delta.dtype)
+  return (base_out.astype(acc) + delta.astype(acc)).astype(base_out.dtype)
+
+
+def _c_dot_general(eqn, invals, ctx):
+  lhs, rhs = invals
+  if _is_lazy(lhs) and _is_lazy(rhs):
+    lhs = ctx.give_up(lhs, "a dot_general with two adapted operands (the left one)")
+  lz_rhs = _is_lazy(rhs)
+  lz, x = (rhs, lhs) if lz_rhs else (lhs, rhs)
+  if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
+    return None
+  base_out = _bind(eqn, [lhs, rhs.base] if lz_rhs else [lhs.base, rhs])
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  nl, nr = len(jnp.shape(lhs)), len(jnp.shape(rhs))
+  letters = iter(string.ascii_letters)
+  L = [next(letters) for _ in range(nl)]
+  R = [None] * nr
+  for i, j in zip(lc, rc):
+    R[j] = L[i]
+  for i, j in zip(lb, rb):
+    R[j] = L[i]
+  R = [c if c is not None else next(letters) for c in R]
+  out = ([L[i] for i in lb] + [L[i] for i in range(nl) if i not in lc and i not in lb]
+         + [R[j] for j in range(nr) if j not in rc and j not in rb])
+  xl, vl = ("".join(L), "".join(R)) if lz_rhs else ("".join(R), "".join(L))
+  delta = _lowrank(x, xl, lz, vl, "".join(out), ctx, eqn.params.get("precision"))
+  return _add(base_out, delta)
+
+
+def _c_conv(eqn, invals, ctx):
+  lhs, rhs = invals
+  p = eqn.params
+  if _is_lazy(lhs) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    return None
+  dn = p["dimension_numbers"]
+  out_dim = dn.rhs_spec[0]
+  if any((s != "R") if i == out_dim else (s != "L") for i, s in enumerate(rhs.sides)):
+    return None
+  base_out = _bind(eqn, [lhs, rhs.base])
+  cd = _compute_dtype(rhs, lhs)
+  acc = _acc(cd)
+  a_kernel = jnp.moveaxis(rhs.a, -1, out_dim).astype(cd)
+  x = _dropout(lhs, rhs, ctx).astype(cd)
+  t = _bind(eqn, [x, a_kernel], {**p, "preferred_element_type": jnp.dtype(acc)}).astype(cd)
+  f = dn.out_spec[1]
+  d = jnp.moveaxis(jnp.tensordot(t, rhs.b.astype(cd), axes=[[f], [1]],
+                                 precision=p.get("precision"),
+                                 preferred_element_type=acc), -1, f)
+  return _add(base_out, _scaled(d, rhs.scale))
+
+
+def _c_gather(eqn, invals, ctx):
+  op, idx = invals
+  if not _is_lazy(op) or _is_lazy(idx):
+    return None
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  if dn.operand_batching_dims or dn.start_indices_batching_dims:
+    return None
+  sizes = tuple(p["slice_sizes"])
+  indexed = set(dn.start_index_map)
+  collapsed = set(dn.collapsed_slice_dims)
+  nbatch = idx.ndim - 1
+  plan = {}
+  for f in ("a", "b"):
+    ax = set(_axes_of(op.sides, f))
+    if indexed <= ax:
+      plan[f] = "gather"
+    elif not indexed & ax:
+      plan[f] = "slice"
+    else:
+      return None  # the index couples both factors
+  gathered = [f for f in ("a", "b") if plan[f] == "gather"]
+  batch_side = "S" if len(gathered) == 2 else ("L" if gathered == ["a"] else "R")
+  base_out = _bind(eqn, [op.base, idx])
+
+  out_ndim = nbatch + sum(1 for d in range(op.ndim) if d not in collapsed)
+  offset_dims = tuple(dn.offset_dims)
+  out_ids: list[Any] = [None] * out_ndim
+  kept = [d for d in range(op.ndim) if d not in collapsed]
+  for pos, d in zip(offset_dims, kept):
+    out_ids[pos] = ("o", d)
+  bpos = [j for j in range(out_ndim) if out_ids[j] is None]
+  for k, j in enumerate(bpos):
+    out_ids[j] = ("b", k)
+  sides = tuple(op.sides[i[1]] if i[0] == "o" else batch_side for i in out_ids)
+
+  new = {}
+  for f in ("a", "b"):
+    x = getattr(op, f)
+    ax = _axes_of(op.sides, f)
+    pos = {d: k for k, d in enumerate(ax)}
+    f_kept = [d for d in ax if d not in collapsed]
+    if plan[f] == "gather":
+      g_dn = lax.GatherDimensionNumbers(
+          offset_dims=tuple(range(nbatch, nbatch + len(f_kept) + 1)),
+          collapsed_slice_dims=tuple(sorted(pos[d] for d in collapsed if d in pos)),
+          start_index_map=tuple(pos[d] for d in dn.start_index_map))
+      x = lax.gather(x, idx, g_dn, tuple(sizes[d] for d in ax) + (op.rank,),
+                     indices_are_sorted=p["indices_are_sorted"],
+                     unique_indices=p["unique_indices"], mode=p["mode"],
+                     fill_value=p.get("fill_value"))
+      cur = [("b", k) for k in range(nbatch)] + [("o", d) for d in f_kept] + ["r"]
+    else:
+      x = lax.slice(x, [0] * x.ndim, [sizes[d] for d in ax] + [op.rank])
+      sq = [pos[d] for d in ax if d in collapsed]
+      if sq:
+        x = lax.squeeze(x, sq)
+      cur = [("o", d) for d in f_kept] + ["r"]
+    want = [out_ids[j] for j in _axes_of(sides, f)] + ["r"]
+    perm = [cur.index(w) for w in want]
+    new[f] = x if perm == list(range(len(perm))) else lax.transpose(x, perm)
+  out = op.replace(base=base_out, sides=sides, **new)
+  if nbatch and batch_side != "S":
+    return _add(base_out, _delta(out))  # an embedding lookup: rows of W + rows of A, times B
+  return out
+
+
+_CONSUMERS: dict[str, Callable] = {
+    "dot_general": _c_dot_general,
+    "conv_general_dilated": _c_conv,
+    "gather": _c_gather,
+}
+
+
+# -- control flow and calls -------------------------------------------------------------------
+
+def _open(j):
+  """``(jaxpr, consts)`` of a ClosedJaxpr or an open Jaxpr."""
+  if hasattr(j, "jaxpr") and hasattr(j, "consts"):
+    return j.jaxpr, j.consts
+  return j, ()
+
+
+def _concrete_outs(outs, ctx: _Ctx, where: str):
+  return [ctx.give_up(o, f"returning it from {where}") if _is_lazy(o) else o for o in outs]
+
+
+def _r_inline(param: str):
+  def rule(eqn, invals, ctx):
+    if ctx.unroll and not any(_is_lazy(x) for x in invals) and eqn.primitive.name != "jit" \
+        and eqn.primitive.name != "pjit":
+      return _bind(eqn, invals)  # keep custom derivative rules when nothing is adapted
+    if eqn.primitive.name.startswith("custom") and any(_is_lazy(x) for x in invals):
+      logger.debug("jlora.lora: an adapted weight flows into %s %r; its body is rewritten and "
+                   "differentiated by JAX instead of its custom rule", eqn.primitive.name,
+                   eqn.params.get("name", ""))
+    jaxpr, consts = _open(eqn.params[param])
+    return _eval(jaxpr, consts, invals, ctx)
+  return rule
+
+
+def _r_remat(eqn, invals, ctx):
+  p = eqn.params
+  jaxpr, consts = _open(p["jaxpr"])
+  with_key = ctx.key is not None
+
+  def body(vals, key):
+    sub = ctx.child(key)
+    return _concrete_outs(_eval(jaxpr, consts, vals, sub), sub, "a remat (checkpoint) body")
+
+  fn = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))
+  return fn(list(invals), ctx.next_key() if with_key else None)
+
+
+def _r_scan(eqn, invals, ctx):
+  p = eqn.params
+  jaxpr, jconsts = _open(p["jaxpr"])
+  nc, ncarry, length = p["num_consts"], p["num_carry"], p["length"]
+  consts, init, xs = invals[:nc], list(invals[nc:nc + ncarry]), invals[nc + ncarry:]
+  # carries the body passes through unchanged (a weight in a fori_loop carry) act as consts
+  invariant = [jaxpr.outvars[k] is jaxpr.invars[nc + k] for k in range(ncarry)]
+  for k in range(ncarry):
+    if _is_lazy(init[k]) and not invariant[k]:
+      init[k] = ctx.give_up(init[k], "a scan carry that the loop changes")
+  hoisted = {k: init[k] for k in range(ncarry) if invariant[k] and _is_lazy(init[k])}
+  moving = [k for k in range(ncarry) if k not in hoisted]
+
+  # lazy xs: slice the base and whichever factors carry the scanned axis
+  xs_in, rebuild = [], []
+  for x in xs:
+    if _is_lazy(x):
+      s0 = x.sides[0]
+      parts = {"base": x.base}
+      if s0 != "R":
+        parts["a"] = x.a
+      if s0 != "L":
+        parts["b"] = x.b
+      xs_in.append(parts)
+      rebuild.append((x, s0))
+    else:
+      xs_in.append(x)
+      rebuild.append(None)
+  keys = None
+  if ctx.key is not None:
+    keys = jax.random.split(ctx.next_key(), length)
+
+  def body(carry, scanned):
+    xs_vals, key = scanned
+    vals = list(consts)
+    it = iter(carry)
+    for k in range(ncarry):
+      vals.append(hoisted[k] if k in hoisted else next(it))
+    for x, rb in zip(xs_vals, rebuild):
+      if rb is None:
+        vals.append(x)
+      else:
+        lz, s0 = rb
+        vals.append(lz.replace(base=x["base"], a=x.get("a", lz.a), b=x.get("b", lz.b),
+                               sides=lz.sides[1:]))
+    sub = ctx.child(key)
+    outs = _eval(jaxpr, jconsts, vals, sub)
+    outs = _concrete_outs(outs, sub, "a scan body")
+    new_carry = [outs[k] for k in moving]
+    return new_carry, outs[ncarry:]
+
+  unroll = True if ctx.unroll else p.get("unroll", 1)
+  carry, ys = lax.scan(body, [init[k] for k in moving], (xs_in, keys), length=length,
+                       reverse=p.get("reverse", False), unroll=unroll,
+                       _split_transpose=p.get("_split_transpose", False))
+  out_carry, it = [], iter(carry)
+  for k in range(ncarry):
+    out_carry.append(hoisted[k] if k in hoisted else next(it))
+  return out_carry + list(ys)
+
+
+def _r_while(eqn, invals, ctx):
+  p = eqn.params
+  cj, cconsts_j = _open(p["cond_jaxpr"])
+  bj, bconsts_j = _open(p["body_jaxpr"])
+  cn, bn = p["cond_nconsts"], p["body_nconsts"]
+  cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], list(invals[cn + bn:])
+  n = len(init)
+  invariant = [bj.outvars[k] is bj.invars[bn + k] for k in range(n)]
+  for k in range(n):
+    if _is_lazy(init[k]) and not invariant[k]:
+      init[k] = ctx.give_up(init[k], "a while-loop carry that the loop changes")
+  hoisted = {k: init[k] for k in range(n) if invariant[k] and _is_lazy(init[k])}
+  moving = [k for k in range(n) if k not in hoisted]
+
+  def full(carry):
+    vals, it = [], iter(carry)
+    for k in range(n):
+      vals.append(hoisted[k] if k in hoisted else next(it))
+    return vals
+
+  def cond_fun(state):
+    carry, _ = state
+    sub = ctx.child(None)
+    (out,) = _concrete_outs(_eval(cj, cconsts_j, list(cconsts) + full(carry), sub), sub,
+                            "a while-loop condition")
+    return out
+
+  def body_fun(state):
+    carry, key = state
+    sub_key = None
+    if key is not None:
+      key, sub_key = jax.random.split(key)
+    sub = ctx.child(sub_key)
+    outs = _concrete_outs(_eval(bj, bconsts_j, list(bconsts) + full(carry), sub), sub,
+                          "a while-loop body")
+    return [outs[k] for k in moving], key
+
+  key = ctx.next_key() if ctx.key is not None else None
+  carry, _ = lax.while_loop(cond_fun, body_fun, ([init[k] for k in moving], key))
+  return full(carry)
+
+
+def _r_cond(eqn, invals, ctx):
+  branches = eqn.params["branches"]
+  index, ops = invals[0], list(invals[1:])
+  key = ctx.next_key() if ctx.key is not None else None
+
+  def make(br):
+    jaxpr, consts = _open(br)
+
+    def run(ops, key):
+      sub = ctx.child(key)
+      return _concrete_outs(_eval(jaxpr, consts, ops, sub), sub, "a cond branch")
+    return run
+
+  return lax.switch(index, [make(b) for b in branches], ops, key)
+
+
+_CONTROL: dict[str, Callable] = {
+    "jit": _r_inline("jaxpr"),
+    "pjit": _r_inline("jaxpr"),
+    "closed_call": _r_inline("call_jaxpr"),
+    "core_call": _r_inline("call_jaxpr"),
+    "custom_jvp_call": _r_inline("call_jaxpr"),
+    "custom_vjp_call": _r_inline("call_jaxpr"),
+    "custom_vjp_call_jaxpr": _r_inline("fun_jaxpr"),
+    "remat2": _r_remat,
+    "checkpoint": _r_remat,
+    "scan": _r_scan,
+    "while": _r_while,
+    "cond": _r_cond,
+}
