@@ -29,6 +29,7 @@ Module names follow Hugging Face's, so PEFT-style target names (``q_proj``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -201,6 +202,11 @@ def init_llama(config: LlamaConfig, key: jax.Array, dtype: Any = jnp.float32) ->
     >>> params["layers"]["self_attn"]["k_proj"]["kernel"].shape
     (2, 64, 32)
   """
+  return _init_jit(key, config=config, dtype=jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _init_jit(key, *, config, dtype):
   shapes = _param_shapes(config)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
   keys = jax.random.split(key, len(leaves))
@@ -383,16 +389,18 @@ def _param_shapes(config: LlamaConfig) -> dict:
 
 
 def _check_tokens(tokens, config: LlamaConfig) -> jax.Array:
+  if not isinstance(tokens, jax.core.Tracer):  # concrete: check the ids on the host
+    host = np.asarray(tokens)
+    if host.ndim == 2 and np.issubdtype(host.dtype, np.integer) and host.size:
+      low, high = int(host.min()), int(host.max())
+      if low < 0 or high >= config.vocab_size:
+        raise TreeError(
+            f"token ids must lie in [0, {config.vocab_size}), got range [{low}, {high}]")
   tokens = jnp.asarray(tokens)
   if tokens.ndim != 2:
     raise TreeError(f"tokens must be (batch, length), got shape {tokens.shape}")
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise TreeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-  if not isinstance(tokens, jax.core.Tracer):
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= config.vocab_size):
-      raise TreeError(
-          f"token ids must lie in [0, {config.vocab_size}), got range "
-          f"[{int(tokens.min())}, {int(tokens.max())}]")
   return tokens.astype(jnp.int32)
 
 
@@ -474,11 +482,17 @@ def _attention(q, k, v, key_mask, q_slots, config: LlamaConfig):
   return out.reshape(batch, length, heads * hd)
 
 
-def _decoder(params, tokens, config: LlamaConfig, *, positions, key_mask, q_slots, cache, remat):
-  if "layers" not in params or "embed_tokens" not in params:
+def _decoder(params, tokens, config: LlamaConfig, **kwargs):
+  if not isinstance(params, dict) or "layers" not in params or "embed_tokens" not in params:
     raise TreeError(
         "params is not a Llama params tree (no 'embed_tokens'/'layers'); load it with "
         "jlora.models.llama_io.load_llama or make it with jlora.models.llama.init_llama")
+  return _decoder_jit(params, tokens, config=config, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "remat"))
+def _decoder_jit(params, tokens, *, config: LlamaConfig, positions, key_mask, q_slots, cache,
+                 remat):
   embedding = params["embed_tokens"]["embedding"]
   dtype = embedding.dtype
   batch, length = tokens.shape
