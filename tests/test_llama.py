@@ -172,6 +172,11 @@ def test_save_sharded_and_bfloat16(hf_dirs, tmp_path):
   np.testing.assert_allclose(ours, _torch_logits(reloaded, ids), atol=2e-4, rtol=1e-3)
   # bfloat16 rounding really happened (the test would not notice a float32 save otherwise)
   assert np.abs(ours - _torch_logits(model, ids)).max() > 1e-5
+  # a float32 checkpoint loaded as bfloat16 runs in bfloat16 and stays close
+  _, p16 = load_llama(folder, dtype=jnp.bfloat16)
+  assert {a.dtype for a in jax.tree.leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
+  np.testing.assert_allclose(np.asarray(llama_forward(p16, ids, config)),
+                             _torch_logits(model, ids), atol=0.1)
 
 
 def test_save_refuses_existing_and_keeps_it(hf_dirs, tmp_path):

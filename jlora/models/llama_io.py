@@ -86,10 +86,10 @@ def load_llama(path: str | os.PathLike, *, dtype: Any = None) -> tuple[LlamaConf
       raise ModelError(
           f"{path} is a file but not a .gguf; pass a .gguf file or a Hugging Face folder "
           "holding config.json and *.safetensors")
-    config, arrays = _read_gguf(path)
+    config, params = _read_gguf(path, lambda a: _to_jax(a, dtype))
   else:
-    config, arrays = _read_hf(path)
-  return config, _to_jax(arrays, dtype)
+    config, params = _read_hf(path, lambda a: _to_jax(a, dtype))
+  return config, params
 
 
 def save_llama(path: str | os.PathLike, params: dict, config: LlamaConfig, *, tokenizer: Any = None,
@@ -472,15 +472,13 @@ def _get_path(tree: dict, path: tuple[str, ...]):
   return tree
 
 
-def _to_jax(arrays: dict, dtype) -> dict:
-  def convert(a):
-    a = np.asarray(a)
-    return jnp.asarray(a, dtype=dtype if dtype is not None else a.dtype)
-
-  return jax.tree_util.tree_map(convert, arrays)
+def _to_jax(a: np.ndarray, dtype) -> jax.Array:
+  """One leaf to a jax array (leaf by leaf, so only one float32 leaf is alive at a time)."""
+  a = np.asarray(a)
+  return jnp.asarray(a, dtype=dtype if dtype is not None else a.dtype)
 
 
-def _read_hf(folder: Path) -> tuple[LlamaConfig, dict]:
+def _read_hf(folder: Path, convert) -> tuple[LlamaConfig, dict]:
   from safetensors import safe_open
 
   cfg_file = folder / "config.json"
@@ -542,7 +540,8 @@ def _read_hf(folder: Path) -> tuple[LlamaConfig, dict]:
               f"config.json implies {want}; is config.json for this checkpoint?")
         parts.append(t.T if path[-1] == "kernel" else t)
       value = np.stack(parts) if path[0] == "layers" else parts[0]
-      _set_path(arrays, path, value)
+      del parts
+      _set_path(arrays, path, convert(value))
     extra = sorted(k for k in stored if k not in used and not k.endswith("rotary_emb.inv_freq")
                    and not (k == "lm_head.weight" and config.tie_word_embeddings))
     if extra:
@@ -671,7 +670,7 @@ def _gguf_field(reader, key: str, default=None):
   return field.contents()
 
 
-def _read_gguf(file: Path) -> tuple[LlamaConfig, dict]:
+def _read_gguf(file: Path, convert) -> tuple[LlamaConfig, dict]:
   import gguf
   from gguf import quants
 
@@ -766,7 +765,8 @@ def _read_gguf(file: Path) -> tuple[LlamaConfig, dict]:
         a = _unpermute_rope_rows(a, heads)
       parts.append(a.T if path[-1] == "kernel" else a)
     value = np.stack(parts) if path[0] == "layers" else parts[0]
-    _set_path(arrays, path, value)
+    del parts
+    _set_path(arrays, path, convert(value))
   extra = sorted(set(tensors) - used - {"rope_freqs.weight"})
   if extra:
     raise ModelError(f"{file} holds tensors jlora.models.llama does not know: {extra[:5]}")
