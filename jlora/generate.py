@@ -45,8 +45,8 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     top_p: sample only from the smallest set of tokens whose probability reaches ``top_p``.
     seed: an int or a PRNG key for sampling.
     eos_token_ids: ids that end a row; ``None``: ``config.eos_token_ids``; ``()``: never stop.
-    pad_token_id: written after a row ended; ``None``: ``config.pad_token_id``, else the first
-      eos id, else 0.
+    pad_token_id: written after a row ended (any int, e.g. -1); ``None``:
+      ``config.pad_token_id``, else the first eos id, else 0.
     pad_to_multiple: prompt lengths are rounded up to a multiple of this to reuse compiles.
 
   Returns:
@@ -82,7 +82,7 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
   longest = max(len(r) for r in rows)
   width = -(-longest // pad_to_multiple) * pad_to_multiple
-  tokens = np.full((len(rows), width), pad_token_id, np.int32)
+  tokens = np.zeros((len(rows), width), np.int32)  # padding slots are masked; id 0 is harmless
   mask = np.zeros((len(rows), width), bool)
   for i, r in enumerate(rows):
     if len(r):
@@ -229,10 +229,9 @@ def _generate_jit(params, tokens, mask, key, temperature, top_k, top_p, is_eos, 
 
   def body(state):
     step, tok, cache, out, done, key = state
-    tok = jnp.where(done, pad_id, tok)
-    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
+    out = jax.lax.dynamic_update_slice(out, jnp.where(done, pad_id, tok)[:, None], (0, step))
     done = done | is_eos[tok]
-    logits, cache = llama_forward_cached(params, tok[:, None], cache, config)
+    logits, cache = llama_forward_cached(params, tok[:, None], cache, config)  # tok in vocab
     key, sub = jax.random.split(key)
     return step + 1, sample(logits[:, 0], sub), cache, out, done, key
 

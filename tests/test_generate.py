@@ -64,9 +64,9 @@ def test_eos_stops_row_and_pads(tiny):
   k = next(i for i in range(1, 8) if free[i] not in free[:i])  # first fresh token after step 0
   stop = int(free[k])
   out = generate(params, config, PROMPTS[:1], max_new_tokens=8, eos_token_ids=(stop,),
-                 pad_token_id=VOCAB - 1)[0]
+                 pad_token_id=-1)[0]
   np.testing.assert_array_equal(out[:k + 1], free[:k + 1])
-  assert (out[k + 1:] == VOCAB - 1).all()
+  assert (out[k + 1:] == -1).all()
 
 
 def _first_token_probs(params, config, prompt, temperature):
