@@ -36,11 +36,27 @@ METHODS = {
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--methods", default="lora,full,bitfit")
+  ap.add_argument("--reuse", action="append", default=[], metavar="METHOD=RUN_DIR",
+                  help="take a method's numbers from a finished run directory whose config is "
+                       "the one this script would run (checked), instead of training again")
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args()
   out_json = ROOT / "results" / "methods.json"
   rows = json.loads(out_json.read_text())["runs"] if out_json.exists() else {}
+  for item in args.reuse:
+    name, run_dir = item.split("=", 1)
+    cfg = load_config(overrides=[f"output_dir={run_dir}", *METHODS[name], *args.overrides])
+    saved = load_config(Path(run_dir) / "config.yaml")
+    if cfg_key(saved) != cfg_key(cfg):
+      raise SystemExit(f"--reuse {item}: its config.yaml is not the {name} config of this script")
+    r = json.loads((Path(run_dir) / "results.json").read_text())
+    rows[name] = row(name, cfg, r["trainable_params"], r["total_params"], r["metrics"], r["steps"],
+                     r["train_seconds"], r["wall_seconds"], None, r["adapter_bytes"])
+    rows[name]["reused_run"] = str(run_dir)
+    write(rows, out_json)
   for name in args.methods.split(","):
+    if not name or name in {i.split("=", 1)[0] for i in args.reuse}:
+      continue
     run_dir = Path("runs") / f"methods-{name}"
     cfg = load_config(overrides=[f"output_dir={run_dir}", "train.progress=false", "resume=false",
                                  *METHODS[name], *args.overrides])
@@ -51,25 +67,31 @@ def main() -> None:
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     res = train(cfg)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    rows[name] = {
-        "method": name,
-        "lr": cfg.train.lr,
-        "trainable_params": res.trainable_params,
-        "total_params": res.total_params,
-        "trainable_percent": 100.0 * res.trainable_params / res.total_params,
-        "validation_accuracy": res.metrics["validation"]["accuracy"],
-        "test_accuracy": res.metrics["test"]["accuracy"],
-        "test_f1": res.metrics["test"]["f1"],
-        "test_roc_auc": res.metrics["test"]["roc_auc"],
-        "steps": res.step,
-        "train_seconds": res.train_seconds,
-        "wall_seconds": res.wall_seconds,
-        "cpu_seconds": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
-        "process_cpu_seconds": time.process_time() - cpu0,
-        "saved_bytes": res.adapter_bytes,
-        "config": cfg_key(cfg),
-    }
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    rows[name] = row(name, cfg, res.trainable_params, res.total_params, res.metrics, res.step,
+                     res.train_seconds, res.wall_seconds, cpu, res.adapter_bytes)
+    rows[name]["process_cpu_seconds"] = time.process_time() - cpu0
     write(rows, out_json)
+
+
+def row(name, cfg, trainable, total, metrics, steps, train_s, wall_s, cpu_s, saved) -> dict:
+  return {
+      "method": name,
+      "lr": cfg.train.lr,
+      "trainable_params": trainable,
+      "total_params": total,
+      "trainable_percent": 100.0 * trainable / total,
+      "validation_accuracy": metrics["validation"]["accuracy"],
+      "test_accuracy": metrics["test"]["accuracy"],
+      "test_f1": metrics["test"]["f1"],
+      "test_roc_auc": metrics["test"]["roc_auc"],
+      "steps": steps,
+      "train_seconds": train_s,
+      "wall_seconds": wall_s,
+      "cpu_seconds": cpu_s,
+      "saved_bytes": saved,
+      "config": cfg_key(cfg),
+  }
 
 
 def cfg_key(cfg) -> dict:
@@ -77,6 +99,7 @@ def cfg_key(cfg) -> dict:
   d = dataclasses.asdict(cfg)
   d.pop("output_dir")
   d["train"].pop("progress")
+  d["resume"] = None
   return d
 
 
@@ -103,10 +126,14 @@ def write(rows: dict, out_json: Path) -> None:
         f"| {r['method']} | {r['lr']:g} | {r['trainable_params']:,} | "
         f"{r['trainable_percent']:.3f} | {r['validation_accuracy']:.4f} | "
         f"{r['test_accuracy']:.4f} | {r['test_f1']:.4f} | {r['test_roc_auc']:.4f} | "
-        f"{r['train_seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['saved_bytes'] / 1e6:.2f} MB |")
+        f"{r['train_seconds']:.0f} | {_num(r['cpu_seconds'])} | {r['saved_bytes'] / 1e6:.2f} MB |")
   lines += ["", f"Machine: {meta['machine']}; load average at the end {meta['load_average_at_end']}. "
             + meta["note"], ""]
   out_json.with_suffix(".md").write_text("\n".join(lines))
+
+
+def _num(x) -> str:
+  return "n/a" if x is None else f"{x:.0f}"
 
 
 if __name__ == "__main__":

@@ -100,7 +100,9 @@ class DataConfig:
   Attributes:
     task: ``classification`` (text -> label), ``causal_lm`` (next-token
       prediction on packed text) or ``instruction`` (prompt -> response, loss on
-      the response only, through the tokenizer's chat template).
+      the response only, through the tokenizer's chat template; with the
+      sentiment source each sentence becomes a "positive or negative?" prompt
+      whose response is the label word).
     source: ``sentiment`` (the packaged corpus from vaderSentiment 3.3.2),
       ``files`` (local json / jsonl / csv / parquet / text files) or ``hub``
       (a Hugging Face hub dataset; needs network, not tested here).
@@ -461,10 +463,6 @@ def validate(cfg: Config) -> None:
     raise ConfigError("data.source=files needs data.train_files (a path or glob).")
   if d.source == "hub" and not d.hub_name:
     raise ConfigError("data.source=hub needs data.hub_name (e.g. imdb).")
-  if d.source == "sentiment" and d.task == "instruction":
-    raise ConfigError(
-        "data.task=instruction needs prompt/response rows: set data.source=files with "
-        "data.train_files, or data.source=hub.")
   if not 0 < d.validation_fraction < 1:
     raise ConfigError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}.")
   positive("data.max_length", d.max_length)

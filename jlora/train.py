@@ -804,7 +804,7 @@ def _load_raw_data(cfg: Config, splits: tuple[str, ...] = ("train", "validation"
 
 def _sentiment_instructions(ds: Any) -> Any:
   names = ds.features["label"].names
-  prompts = [f"Is the sentiment of this movie review sentence positive or negative? "
+  prompts = [f"Is the sentiment of this sentence positive or negative? "
              f"Answer with one word.\n\n{t}" for t in ds["text"]]
   responses = [names[int(y)] for y in ds["label"]]
   import datasets  # noqa: PLC0415

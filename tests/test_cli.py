@@ -1,0 +1,152 @@
+"""The jlora command line: help, config errors, and train -> eval -> generate -> merge on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jlora.cli import main
+from jlora.config import describe_fields
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import make_tiny_bert, tiny_cls_overrides  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cli")
+  return {"root": root, "bert": make_tiny_bert(root)}
+
+
+def test_train_help_explains_every_config_key(capsys):
+  with pytest.raises(SystemExit) as e:
+    main(["train", "--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  for key, _, doc in describe_fields():
+    assert f"  {key} = " in out, key
+  assert "--print-config" in out and "Ctrl-C" in out
+
+
+@pytest.mark.parametrize("cmd", ["eval", "generate", "merge", "fetch"])
+def test_every_command_has_help(cmd, capsys):
+  with pytest.raises(SystemExit) as e:
+    main([cmd, "--help"])
+  assert e.value.code == 0
+  assert "usage: jlora " + cmd in capsys.readouterr().out
+
+
+def test_print_config_applies_yaml_and_overrides(tmp_path, capsys):
+  f = tmp_path / "c.yaml"
+  f.write_text("method:\n  rank: 4\n")
+  assert main(["train", "--print-config", str(f), "train.lr=3e-4", "--set", "method.alpha=8"]) == 0
+  import yaml
+  cfg = yaml.safe_load(capsys.readouterr().out)
+  assert (cfg["method"]["rank"], cfg["method"]["alpha"], cfg["train"]["lr"]) == (4, 8.0, 3e-4)
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["train", "trian.lr=1"], "unknown config key 'trian.lr'. Did you mean 'train.lr'"),
+    (["train", "missing.yaml"], "does not exist"),
+    (["train", "method.name=lorra"], "did you mean 'lora'"),
+    (["fetch", "minilm"], "unknown resource 'minilm'"),
+    (["eval", "runs/none", "method.rank=2"], "only data"),
+    (["generate", "-p", "hi"], "needs a run directory"),
+])
+def test_errors_exit_2_with_the_fix(argv, pattern, capsys):
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert pattern in err and "Traceback" not in err
+
+
+def test_fetch_packaged_data_offline_from_cache(capsys):
+  assert main(["fetch", "sentiment"]) == 0
+  assert "vadersentiment-3.3.2" in capsys.readouterr().out
+
+
+def test_train_eval_generate_merge(tiny, capsys):
+  run = tiny["root"] / "run"
+  over = tiny_cls_overrides(tiny["root"], tiny["bert"], "run", **{"train.max_steps": 40})
+  assert main(["train", *over]) == 0
+  out = capsys.readouterr().out
+  assert "trainable params:" in out and "test accuracy:" in out
+  assert f"adapter saved to {run / 'adapter'}" in out
+  results = json.loads((run / "results.json").read_text())
+
+  assert main(["eval", str(run), "--json"]) == 0
+  metrics = json.loads(capsys.readouterr().out)
+  assert metrics["accuracy"] == pytest.approx(results["metrics"]["test"]["accuracy"])
+  assert main(["eval", str(run), "--split", "validation", "--base"]) == 0
+  assert "base model on validation" in capsys.readouterr().out
+
+  assert main(["generate", str(run), "-p", "a great fun movie", "-p", "an awful dull plot"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert "label 1" in lines[0] and "label 0" in lines[1]
+
+  merged = tiny["root"] / "merged"
+  assert main(["merge", str(run), str(merged)]) == 0
+  assert main(["merge", str(run), str(merged)]) == 2  # exists, no --overwrite
+  capsys.readouterr()
+  # Independent reference: transformers (torch) runs the merged encoder; mean pooling and
+  # the exported head give the probabilities jlora predicted.
+  import torch
+  from safetensors.numpy import load_file
+  from transformers import AutoTokenizer, BertModel
+  from jlora.train import load_run, predict
+  texts = ["a great fun movie", "an awful dull plot", "the film was quite boring"]
+  tok = AutoTokenizer.from_pretrained(merged)
+  enc = tok(texts, return_tensors="pt", padding=True)
+  with torch.no_grad():
+    h = BertModel.from_pretrained(merged).eval()(**enc).last_hidden_state.numpy()
+  m = enc["attention_mask"].numpy()[..., None]
+  pooled = (h * m).sum(1) / m.sum(1)
+  head = load_file(str(merged / "classifier.safetensors"))
+  logits = pooled @ head["kernel"] + head["bias"]
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  ours = np.array([p["probs"] for p in predict(load_run(run), texts)])
+  np.testing.assert_allclose(probs, ours, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_real_process_saves_and_exits_130(tiny):
+  over = tiny_cls_overrides(tiny["root"], tiny["bert"], "sigint", **{
+      "train.max_steps": 100000, "resume": False})
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", "train", *over], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = tiny["root"] / "sigint" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 130, out
+  assert "checkpoint saved to" in out
+  ckpts = list((tiny["root"] / "sigint" / "checkpoints").glob("step_*/state.json"))
+  assert len(ckpts) == 1
+  state = json.loads(ckpts[0].read_text())
+  assert state["step"] >= 3
+
+
+@pytest.mark.slow
+def test_default_job_runs_end_to_end_on_the_real_model(tmp_path, capsys):
+  """`jlora train` on the packaged MiniLM and movie sentences, shortened to a few steps."""
+  assert main(["train", f"output_dir={tmp_path / 'run'}", "train.max_steps=4",
+               "data.max_train_examples=256", "data.max_eval_examples=96",
+               "train.progress=false"]) == 0
+  out = capsys.readouterr().out
+  assert "trainable params: 74,498 || all params: 22,639,874" in out
+  assert "test accuracy:" in out and "adapter saved to" in out
+  res = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert res["metrics"]["test"]["examples"] == 96
