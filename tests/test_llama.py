@@ -3,7 +3,6 @@
 import doctest
 import importlib
 import json
-import os
 
 import jax
 import jax.numpy as jnp
