@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
+import re
 import string
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,7 +43,7 @@ try:  # name stacks make profiles and HLO readable; optional
 except ImportError:  # pragma: no cover
   _siu = None
 
-__all__ = ["RewriteError", "lift"]
+__all__ = ["RewriteError", "lift", "full_size_dots"]
 
 logger = logging.getLogger("jlora")
 
@@ -301,7 +301,7 @@ def _bind(eqn, invals, params=None):
 
 def _apply_rule(eqn, invals, ctx: _Ctx):
   name = eqn.primitive.name
-  rule = _CONTROL.get(name) or _CONSUMERS.get(name)
+  rule = _CONTROL.get(name) or _CONSUMERS.get(name) or _ARITH.get(name)
   if rule is not None:
     out = rule(eqn, invals, ctx)
     if out is not None:
@@ -453,6 +453,35 @@ def _t_dynamic_slice(eqn, lz, rest):
     x = getattr(lz, f)
     out[f] = lax.dynamic_slice(x, [rest[i] for i in ax] + [zero], [sizes[i] for i in ax] + [lz.rank])
   return lz.replace(base=_bind_base(eqn, lz, rest), **out)
+
+
+def _arith(eqn, invals, ctx):
+  """``W * c``, ``c * W``, ``W / c`` (``c`` a scalar), ``-W``, ``W + C``, ``W - C`` (``C`` frozen).
+
+  The result is still a frozen part plus a low-rank part: a scalar factor
+  scales ``a``, and an added frozen array joins the frozen part.
+  """
+  name = eqn.primitive.name
+  lazy = [i for i, x in enumerate(invals) if _is_lazy(x)]
+  if len(lazy) != 1:
+    return None
+  i = lazy[0]
+  lz = invals[i]
+  others = [x for j, x in enumerate(invals) if j != i]
+  base = _bind(eqn, [x.base if _is_lazy(x) else x for x in invals])
+  if name == "neg":
+    return lz.replace(base=base, a=-lz.a)
+  (c,) = others
+  if name in ("add", "sub"):
+    if jnp.shape(c) != lz.shape and jnp.ndim(c) != 0:
+      return None
+    a = -lz.a if (name == "sub" and i == 1) else lz.a
+    return lz.replace(base=base, a=a)
+  if jnp.ndim(c) != 0 or (name == "div" and i == 1):
+    return None  # only scaling by a scalar keeps the update low-rank
+  c = jnp.asarray(c)
+  factor = c if name == "mul" else 1 / c
+  return lz.replace(base=base, a=(lz.a * factor.astype(lz.a.dtype)).astype(lz.a.dtype))
 
 
 _TRANSFORMS: dict[str, Callable] = {
@@ -623,6 +652,8 @@ def _c_gather(eqn, invals, ctx):
     return _add(base_out, _delta(out))  # an embedding lookup: rows of W + rows of A, times B
   return out
 
+
+_ARITH: dict[str, Callable] = {name: _arith for name in ("mul", "div", "neg", "add", "sub")}
 
 _CONSUMERS: dict[str, Callable] = {
     "dot_general": _c_dot_general,
@@ -804,3 +835,37 @@ _CONTROL: dict[str, Callable] = {
     "while": _r_while,
     "cond": _r_cond,
 }
+
+
+# -- diagnostics --------------------------------------------------------------------------------
+
+_HLO_DOT = re.compile(r"=\s*\w+\[([0-9,]*)\](?:\{[^}]*\})?\s+(dot|convolution)\(")
+
+
+def full_size_dots(hlo_text: str, kernel_shapes: Sequence[Sequence[int]]) -> list[str]:
+  """The dot / convolution instructions of an HLO text whose result has a kernel's full shape.
+
+  ``kernel_shapes`` are per-layer ``(in, out)`` shapes; transposes and a
+  leading layer axis count too. In a compiled LoRA step none should appear: a
+  materialised ``A @ B`` and a weight gradient ``x^T @ dy`` would both be one.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> f = lambda x, a, b: x @ (a @ b)
+    >>> text = jax.jit(f).lower(jnp.ones((2, 8)), jnp.ones((8, 2)), jnp.ones((2, 4))).compile().as_text()
+    >>> len(full_size_dots(text, [(8, 4)])) >= 1
+    True
+  """
+  bad = set()
+  for shape in kernel_shapes:
+    bad.add(tuple(shape))
+    bad.add(tuple(shape)[::-1])
+  hits = []
+  for line in hlo_text.splitlines():
+    m = _HLO_DOT.search(line)
+    if not m:
+      continue
+    dims = tuple(int(d) for d in m.group(1).split(",") if d)
+    if (dims[-2:] in bad and all(d == 1 for d in dims[:-2])) or (len(dims) == 3 and dims[1:] in bad):
+      hits.append(line.strip()[:200])
+  return hits
