@@ -259,6 +259,9 @@ def save_peft(directory: str | os.PathLike, tree: Any, *, mapping: str | Mapping
     >>> # then: peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(...), "my-adapter")
   """
   folder = _adapter_folder(directory, adapter_name)
+  if (folder.exists() or folder.is_symlink()) and not overwrite:
+    raise CheckpointError(f"{folder} already exists; pass overwrite=True to replace the PEFT adapter "
+                          "(atomically) or choose a new folder")
   m = _resolve_mapping(mapping, tree)
   config, tensors = _export(tree, m)
   config.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type)
@@ -854,7 +857,10 @@ def _check_base_layers(tensors: dict, m: PeftMapping, leaves: list, index: dict,
     torch_module, kind = _split_name(key)
     if not kind.startswith("base_layer."):
       continue
-    module, layer = m.from_torch(torch_module)
+    found = m.from_torch(torch_module)
+    if found is None:
+      continue
+    module, layer = found
     param = kind.split(".", 1)[1]
     leaf = next((k for k, (pn, _) in m.leaves.items() if pn == param and
                  (f"{module}/{k}" if module else k) in index), None)
