@@ -72,6 +72,16 @@ class Restored:
     data_state: the data position as saved (any JSON value), or ``None``.
     metrics: the metrics saved with the step, or ``None``.
     metadata: the user's metadata, or ``None``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora, tempfile
+    >>> params = {"k": jnp.ones((4, 4))}
+    >>> tree = jlora.wrap(params, {"k": jlora.LoRA(2)}, key=jax.random.key(0))
+    >>> with jlora.CheckpointManager(tempfile.mkdtemp(), async_save=False) as mgr:
+    ...   _ = mgr.save(2, tree, data_state={"batch": 2}, metrics={"loss": 0.1})
+    ...   r = mgr.restore(params)
+    >>> r.step, r.data_state, r.metrics, r.opt_state is None
+    (2, {'batch': 2}, {'loss': 0.1}, True)
   """
 
   step: int
