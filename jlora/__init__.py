@@ -9,6 +9,10 @@ Example:
   >>> opt_state = tx.init(trainable)
 """
 
+from jlora._checkpoint import fingerprint as fingerprint
+from jlora._checkpoint import load_adapters as load_adapters
+from jlora._checkpoint import read_adapter_manifest as read_adapter_manifest
+from jlora._checkpoint import save_adapters as save_adapters
 from jlora._errors import AxesError as AxesError
 from jlora._errors import CheckpointError as CheckpointError
 from jlora._errors import ConfigError as ConfigError
@@ -21,7 +25,15 @@ from jlora._errors import ShardingError as ShardingError
 from jlora._errors import SpecError as SpecError
 from jlora._errors import TreeError as TreeError
 from jlora._lora import lora as lora
+from jlora._manager import CheckpointManager as CheckpointManager
+from jlora._manager import Restored as Restored
 from jlora._optim import optimizer as optimizer
+from jlora._peft import PeftMapping as PeftMapping
+from jlora._peft import export_merged as export_merged
+from jlora._peft import load_peft as load_peft
+from jlora._peft import peft_mapping as peft_mapping
+from jlora._peft import read_peft_config as read_peft_config
+from jlora._peft import save_peft as save_peft
 from jlora._spec import Full as Full
 from jlora._spec import LoRA as LoRA
 from jlora._summary import Summary as Summary
@@ -40,6 +52,9 @@ from jlora._tree import wrap as wrap
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager", "PeftMapping", "Restored", "export_merged", "fingerprint",
+    "load_adapters", "load_peft", "peft_mapping", "read_adapter_manifest", "read_peft_config",
+    "save_adapters", "save_peft",
     "Axes", "AxesError", "CheckpointError", "ConfigError", "DataError", "FetchError", "Full",
     "FullWeight", "JloraError", "LoRA", "LoraWeight", "ModelError", "RuleError", "ShardingError",
     "SpecError", "Summary", "TreeError", "adapted_leaves", "combine", "lora", "merge",
