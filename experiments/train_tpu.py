@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     valid = labels >= 0
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
+    return jnp.sum(nll * valid), jnp.sum(valid)  # token-weighted across micro-batches
 
   options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
   step = make_train_step(loss_fn, optax.adamw(args.lr), mesh=mesh, specs=args.preset,

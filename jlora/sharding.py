@@ -638,6 +638,8 @@ def _pytree_specs(entries, specs) -> list:
 
 
 def _logical_specs(entries, rules: ShardingRules, mesh: Mesh | None) -> list:
+  if not rules.logical:  # nothing is sharded (e.g. "dp"): any tree will do
+    return [None if _base_shape(node) is None else P() for _, node in entries]
   table = rules.axes if rules.axes is not None else _model_axes_of_entries(entries)
   compiled = [(pattern, compile_pattern(pattern), names) for pattern, names in table]
   out = []

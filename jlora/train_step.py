@@ -78,8 +78,11 @@ def make_train_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradient
   """Builds a training step for ``loss_fn``, sharded on ``mesh`` as ``specs`` says.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss of a batch.
-      With ``lift=True`` (default) it receives plain params (it is lifted with
+    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss of a batch,
+      or ``-> (total, weight)`` (e.g. the summed token losses and the token
+      count) for means weighted exactly across micro-batches; with a ``rng``
+      passed to the step, ``loss_fn(params, batch, key)``. With ``lift=True``
+      (default) it receives plain params (it is lifted with
       :func:`jlora.lora`), so the same function serves LoRA and full
       fine-tuning. With ``lift=False`` it receives the tree with
       :class:`jlora.LoraWeight` leaves.
@@ -94,7 +97,7 @@ def make_train_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradient
     accum_steps: micro-batches per step. Each batch leaf of ``B`` rows is cut
       into ``accum_steps`` micro-batches (row ``i`` goes to micro-batch
       ``i % accum_steps``, so each stays spread over the devices); gradients and
-      losses are averaged over them.
+      losses are averaged over them (weighted by ``weight`` for a pair).
     donate: donate the state's buffers to the step (the state passed in is
       deleted; keep the returned one).
     lift: lift ``loss_fn`` with :func:`jlora.lora` (see above).
@@ -107,6 +110,8 @@ def make_train_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradient
 
   Raises:
     ConfigError: ``accum_steps`` is not a positive int.
+    ShardingError: the mesh has ``Explicit`` axes (``jax.make_mesh``'s default);
+      the step relies on the compiler's sharding propagation (``Auto`` axes).
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, optax, jlora
@@ -124,6 +129,14 @@ def make_train_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradient
   """
   if isinstance(accum_steps, bool) or not isinstance(accum_steps, (int, np.integer)) or accum_steps < 1:
     raise ConfigError(f"accum_steps must be a positive int, got {accum_steps!r}")
+  if mesh is not None:
+    explicit = [n for n, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ()))
+                if t != jax.sharding.AxisType.Auto]
+    if explicit:
+      raise ShardingError(
+          f"mesh axes {tuple(explicit)} are not Auto (jax.make_mesh makes Explicit axes by "
+          "default); build the mesh with jlora.sharding.make_mesh(shape, preset), or pass "
+          "axis_types=(jax.sharding.AxisType.Auto,) * n to jax.make_mesh")
   return TrainStep(loss_fn, tx, mesh=mesh, specs=specs, batch_spec=batch_spec,
                    accum_steps=int(accum_steps), donate=donate, lift=lift,
                    compiler_options=compiler_options)
@@ -224,13 +237,26 @@ class TrainStep:
     self._build()
     return TrainState(step, trainable, opt_state), frozen
 
-  def __call__(self, state: TrainState, frozen: Any, batch: Any) -> tuple[TrainState, dict]:
-    """One update: returns ``(new_state, {"loss", "grad_norm"})``.
+  def __call__(self, state: TrainState, frozen: Any, batch: Any,
+               rng: jax.Array | None = None) -> tuple[TrainState, dict]:
+    """One update: returns ``(new_state, metrics)``.
 
     ``batch`` leaves are numpy or jax arrays with the batch as leading
     dimension: in one process the global batch, in several each process's own
     rows (:func:`jlora.distributed.process_rows`); scalars are replicated.
-    ``loss`` is the mean over micro-batches, computed before the update.
+
+    ``metrics["loss"]`` is computed before the update: the mean of the
+    micro-batches' losses, or, when ``loss_fn`` returns ``(total, weight)``,
+    ``sum(total) / sum(weight)`` over them (exact token-weighted means across
+    micro-batches of different sizes; then ``metrics["weight"]`` holds the sum).
+    ``metrics["grad_norm"]`` is the global norm of the averaged gradient.
+
+    Args:
+      state: the :class:`TrainState` (donated: use the returned one).
+      frozen: the frozen half from :meth:`init`.
+      batch: a pytree of arrays.
+      rng: a PRNG key for dropout; when given, ``loss_fn(params, batch, key)``
+        is called with ``fold_in(rng, micro_batch_index)``.
 
     Example:
       >>> import jax.numpy as jnp, numpy as np, optax
@@ -243,11 +269,10 @@ class TrainStep:
     """
     if self._jitted is None:
       raise TreeError("call step.init(tree) before step(state, frozen, batch)")
-    if self.mesh is not None:
-      batch = distributed.global_batch(batch, self.mesh, self.batch_spec)
-    return self._jit_for(batch)(state, frozen, batch)
+    batch, rng = self._place(batch, rng)
+    return self._jit_for(batch, rng)(state, frozen, batch, rng)
 
-  def lower(self, state: TrainState, frozen: Any, batch: Any):
+  def lower(self, state: TrainState, frozen: Any, batch: Any, rng: jax.Array | None = None):
     """``jax.jit(...).lower`` of the step on these arguments (for ``.compile()``, cost analysis).
 
     Example:
@@ -260,19 +285,32 @@ class TrainStep:
     """
     if self._jitted is None:
       raise TreeError("call step.init(tree) before step.lower(...)")
-    if self.mesh is not None:
-      batch = distributed.global_batch(batch, self.mesh, self.batch_spec)
-    return self._jit_for(batch).lower(state, frozen, batch)
+    batch, rng = self._place(batch, rng)
+    return self._jit_for(batch, rng).lower(state, frozen, batch, rng)
 
   # ------------------------------------------------------------------------------------------
 
   def _build(self) -> None:
     self._jitted = {}
 
-  def _jit_for(self, batch):
+  def _place(self, batch, rng):
+    if self.mesh is None:
+      return batch, rng
+    batch = distributed.global_batch(batch, self.mesh, self.batch_spec)
+    if rng is not None and not (isinstance(rng, jax.Array) and not rng.is_fully_addressable):
+      replicated = NamedSharding(self.mesh, PartitionSpec())
+      if jax.process_count() == 1:
+        rng = jax.device_put(rng, replicated)
+      else:
+        rng = jax.random.wrap_key_data(jax.make_array_from_process_local_data(
+            replicated, np.asarray(jax.random.key_data(rng)), jax.random.key_data(rng).shape),
+            impl=jax.random.key_impl(rng))
+    return batch, rng
+
+  def _jit_for(self, batch, rng):
     """The jitted step for this batch structure (in_shardings name every batch leaf)."""
     leaves, treedef = jax.tree.flatten(batch)
-    key = (treedef, tuple(np.ndim(x) for x in leaves))
+    key = (treedef, tuple(np.ndim(x) for x in leaves), rng is None)
     if key not in self._jitted:
       kwargs: dict[str, Any] = {}
       if self.donate:
@@ -282,43 +320,56 @@ class TrainStep:
         rows = NamedSharding(self.mesh, self.batch_spec)
         batch_shardings = jax.tree.unflatten(
             treedef, [rows if np.ndim(x) else replicated for x in leaves])
-        kwargs["in_shardings"] = (self.state_shardings, self.frozen_shardings, batch_shardings)
-        kwargs["out_shardings"] = (self.state_shardings,
-                                   {"loss": replicated, "grad_norm": replicated})
+        kwargs["in_shardings"] = (self.state_shardings, self.frozen_shardings, batch_shardings,
+                                  None if rng is None else replicated)
+        kwargs["out_shardings"] = (self.state_shardings, replicated)
       if self.compiler_options:
         kwargs["compiler_options"] = dict(self.compiler_options)
       self._jitted[key] = jax.jit(self._step, **kwargs)
     return self._jitted[key]
 
-  def _step(self, state: TrainState, frozen: Any, batch: Any):
-    def loss_of(trainable, micro):
-      params = trainable if frozen is None else combine(trainable, frozen)
-      return self._loss(params, micro)
+  def _step(self, state: TrainState, frozen: Any, batch: Any, rng: jax.Array | None):
+    weighted = []
 
-    grad_fn = jax.value_and_grad(loss_of)
+    def loss_of(trainable, micro, key):
+      params = trainable if frozen is None else combine(trainable, frozen)
+      out = self._loss(params, micro) if key is None else self._loss(params, micro, key)
+      if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+          raise ConfigError("loss_fn must return a scalar or a (total, weight) pair")
+        weighted.append(True)
+        return jnp.asarray(out[0], jnp.float32), jnp.asarray(out[1], jnp.float32)
+      return jnp.asarray(out, jnp.float32), jnp.ones((), jnp.float32)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     k = self.accum_steps
     if k == 1:
-      loss, grads = grad_fn(state.trainable, batch)
+      (total, weight), grads = grad_fn(state.trainable, batch, rng)
     else:
       micro = jax.tree_util.tree_map_with_path(self._split_micro, batch)
       zeros = jax.tree.map(jnp.zeros_like, state.trainable)
 
-      def body(carry, mb):
-        g_acc, l_acc = carry
-        l, g = grad_fn(state.trainable, mb)
+      def body(carry, xs):
+        g_acc, t_acc, w_acc = carry
+        mb, i = xs
+        key = None if rng is None else jax.random.fold_in(rng, i)
+        (t, w), g = grad_fn(state.trainable, mb, key)
         g_acc = jax.tree.map(jnp.add, g_acc, g)
         if self.mesh is not None:
           g_acc = jax.lax.with_sharding_constraint(g_acc, self.state_shardings.trainable)
-        return (g_acc, l_acc + l), None
+        return (g_acc, t_acc + t, w_acc + w), None
 
-      (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
-      grads = jax.tree.map(lambda g: g / k, grads)
-      loss = loss / k
+      zero = jnp.zeros((), jnp.float32)
+      (grads, total, weight), _ = jax.lax.scan(body, (zeros, zero, zero), (micro, jnp.arange(k)))
+    denom = jnp.maximum(weight, jnp.finfo(jnp.float32).tiny)
+    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     new = TrainState(state.step + 1, trainable, opt_state)
-    return new, {"loss": jnp.asarray(loss, jnp.float32),
-                 "grad_norm": optax.global_norm(grads).astype(jnp.float32)}
+    metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads).astype(jnp.float32)}
+    if weighted:
+      metrics["weight"] = weight
+    return new, metrics
 
   def _split_micro(self, kp, x):
     k = self.accum_steps

@@ -270,17 +270,15 @@ def test_fsdp_puts_an_eighth_of_the_base_on_each_device(tree, shape):
 
 
 @pytest.mark.slow
-def test_gradient_accumulation(tree, reference):
+def test_gradient_accumulation_sharded_equals_one_big_batch(tree, reference):
   ref_losses, ref_trainable = reference
-  # two micro-batches of 8 rows give the full batch's mean loss and gradient
-  losses, state, _, _ = run(tree, accum_steps=2)
+  # two micro-batches of 8 rows, each spread over the 4 'data' devices, give the 16-row batch's
+  # mean loss and gradient (test_weighted_loss_* checks the weighting on its own)
+  mesh = sharding.make_mesh((4, 2))
+  losses, state, _, step = run(tree, mesh, "fsdp_tp", accum_steps=2)
   np.testing.assert_allclose(losses, ref_losses, atol=TOL, rtol=0)
   assert max_diff(state.trainable, ref_trainable) <= TOL
-  # and the same sharded
-  mesh = sharding.make_mesh((4, 2))
-  losses2, state2, _, _ = run(tree, mesh, "fsdp_tp", accum_steps=2)
-  np.testing.assert_allclose(losses2, losses, atol=TOL, rtol=0)
-  assert max_diff(state2.trainable, state.trainable) <= TOL
+  assert "while" in step.lower(state, _, {"ids": BATCHES[0]}).as_text()  # a scan over micro-batches
 
 
 @pytest.mark.slow
@@ -371,6 +369,10 @@ def test_error_bad_inputs_leave_nothing_half_done(tree):
     sharding.make_mesh((3, 2))
   with pytest.raises(jlora.ShardingError, match="cannot tell which model"):
     sharding.tree_specs({"w": jnp.zeros((8, 8))}, "fsdp", mesh=sharding.make_mesh((8,)))
+  with pytest.raises(jlora.ShardingError, match=r"\('data', 'model'\) are not Auto"):
+    make_train_step(loss_fn, optax.sgd(0.1), mesh=jax.make_mesh((4, 2), ("data", "model")))
+  # "dp" shards no weight, so it needs no logical axes and fits any tree
+  assert sharding.tree_specs({"w": jnp.zeros((8, 8))}, "dp", mesh=sharding.make_mesh((8,))) == {"w": P()}
 
 
 # --- docs and the TPU script ---------------------------------------------------------------------
@@ -406,3 +408,66 @@ def test_train_tpu_script_runs_smollm2_on_a_fake_mesh(tmp_path):
   assert len(losses) == 3 and all(np.isfinite(losses)) and 0 < losses[0] < 20
   assert "devices: 8" in text and "mesh: (4, 2)" in text
   assert all(line in text for line in out.read_text().splitlines())
+
+
+# --- weighted losses and dropout keys (a tiny linear model: cheap to compile) --------------------
+
+
+def _linear_case():
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.asarray(rng.standard_normal((4, 5)).astype(np.float32))}
+  x = rng.standard_normal((16, 4)).astype(np.float32)
+  y = rng.integers(0, 5, 16).astype(np.int32)
+  y[[0, 2, 4, 6, 8, 1]] = -1  # micro-batch 0 (even rows) keeps 3 rows, micro-batch 1 keeps 7
+  return params, {"x": x, "y": y}
+
+
+def _ce_sum(p, b):
+  logp = jax.nn.log_softmax(b["x"] @ p["w"])
+  valid = b["y"] >= 0
+  nll = -jnp.take_along_axis(logp, jnp.maximum(b["y"], 0)[:, None], axis=1)[:, 0]
+  return jnp.sum(nll * valid), jnp.sum(valid)
+
+
+@pytest.mark.parametrize("shape", [None, (4, 2)])
+def test_weighted_loss_is_exact_across_micro_batches(shape):
+  params, batch = _linear_case()
+  mean = lambda p: _ce_sum(p, batch)[0] / _ce_sum(p, batch)[1]  # noqa: E731
+  want_loss, grad = jax.value_and_grad(mean)(params)
+  mesh = None if shape is None else sharding.make_mesh(shape)
+  step = make_train_step(_ce_sum, optax.sgd(0.5), mesh=mesh, specs={"w": P("model")},
+                         accum_steps=2)
+  state, frozen = step.init(params)
+  state, m = step(state, frozen, batch)
+  assert float(m["weight"]) == 10.0
+  np.testing.assert_allclose(float(m["loss"]), float(want_loss), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(state.trainable["w"]),
+                             np.asarray(params["w"] - 0.5 * grad["w"]), atol=1e-6)
+  if mesh is not None:
+    assert state.trainable["w"].sharding.is_equivalent_to(NamedSharding(mesh, P("model")), 2)
+
+
+def test_dropout_keys_are_per_micro_batch_and_the_same_sharded():
+  params, batch = _linear_case()
+
+  def noisy(p, b, key):
+    keep = jax.random.bernoulli(key, 0.5, b["x"].shape)
+    return _ce_sum(p, {"x": b["x"] * keep * 2.0, "y": b["y"]})
+
+  def run_once(mesh, key):
+    step = make_train_step(noisy, optax.sgd(0.5), mesh=mesh, specs={"w": P()}, accum_steps=2)
+    state, frozen = step.init(params)
+    state, m = step(state, frozen, batch, jax.random.key(key))
+    return float(m["loss"]), np.asarray(state.trainable["w"])
+
+  l1, w1 = run_once(None, 0)
+  l2, w2 = run_once(sharding.make_mesh((8,)), 0)
+  l3, _ = run_once(None, 1)
+  assert abs(l1 - l2) < 1e-6 and np.max(np.abs(w1 - w2)) < 1e-6
+  assert l1 != l3
+  # the two micro-batches get different keys: fold_in(key, 0) and fold_in(key, 1)
+  k = jax.random.key(0)
+  evens, odds = ({n: v[i::2] for n, v in batch.items()} for i in (0, 1))
+  t0, c0 = noisy(params, evens, jax.random.fold_in(k, 0))
+  t1, c1 = noisy(params, odds, jax.random.fold_in(k, 1))
+  np.testing.assert_allclose(l1, float((t0 + t1) / (c0 + c1)), rtol=1e-6)
