@@ -108,10 +108,11 @@ def main(argv=None) -> int:
 
   if args.full:
     tree = params
+    say(f"full fine-tuning: all {sum(x.size for x in jax.tree.leaves(tree)):,} params trainable")
   else:
     rules = {args.targets: jlora.LoRA(args.rank, alpha=args.alpha, stack_axes=1)}
     tree = jlora.wrap(params, rules, key=jax.random.key(args.seed))
-  say(jlora.summary(tree).line)
+    say(jlora.summary(tree).line)
 
   def loss_fn(p, batch):
     logits = llama_forward(p, batch["input_ids"], config, attention_mask=batch["attention_mask"],
