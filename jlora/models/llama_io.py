@@ -504,7 +504,10 @@ def _read_hf(folder: Path, convert) -> tuple[LlamaConfig, dict]:
           f"{folder} holds only pickled PyTorch weights (*.bin/*.pt), which jlora does not "
           "load (pickle can run code). Convert them to model.safetensors first, e.g. "
           "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)`.")
-    raise ModelError(f"{folder} has no model.safetensors nor model.safetensors.index.json")
+    raise ModelError(
+        f"{folder} has no model.safetensors nor model.safetensors.index.json; put the "
+        "checkpoint's safetensors weights beside config.json (transformers writes them with "
+        "model.save_pretrained(folder))")
   # name -> (file, handle) for every stored tensor
   handles = {}
   location = {}
@@ -516,7 +519,10 @@ def _read_hf(folder: Path, convert) -> tuple[LlamaConfig, dict]:
       try:
         handles[name] = safe_open(str(f), framework="np")
       except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise ModelError(f"{f} is not a readable safetensors file: {e}") from e
+        raise ModelError(
+            f"{f} is not a readable safetensors file ({f.stat().st_size} bytes: {e}); it is "
+            "probably truncated or corrupt (an interrupted download or save?): download or "
+            "save it again") from e
       for key in handles[name].keys():
         location[key] = name
     stored = {_strip_prefix(k): k for k in location}
@@ -677,11 +683,19 @@ def _read_gguf(file: Path, convert) -> tuple[LlamaConfig, dict]:
   try:
     reader = gguf.GGUFReader(str(file))
   except Exception as e:  # noqa: BLE001 - the reader raises ValueError, struct.error, ...
-    raise ModelError(f"{file} is not a readable GGUF file: {type(e).__name__}: {e}") from e
+    with open(file, "rb") as f:
+      magic = f.read(4)
+    hint = ("it starts like a GGUF file, so it is probably truncated or corrupt (an interrupted "
+            "download or copy?): download or convert it again" if magic == b"GGUF" else
+            "it lacks the GGUF magic bytes; pass a llama.cpp .gguf file")
+    raise ModelError(f"{file} is not a readable GGUF file ({file.stat().st_size} bytes; "
+                     f"{type(e).__name__}: {e}); {hint}") from e
   arch = _gguf_field(reader, "general.architecture")
   if arch not in _GGUF_ARCHS:
     raise ModelError(
-        f"{file} holds a {arch!r} model; jlora.models.llama loads GGUF architectures {_GGUF_ARCHS}")
+        f"{file} holds a {arch!r} model (general.architecture); jlora.models.llama loads GGUF "
+        f"architectures {_GGUF_ARCHS}: pass a Llama, Mistral or Qwen2 GGUF, or run this model "
+        "with llama.cpp or transformers")
   tensors = {t.name: t for t in reader.tensors}
 
   def meta(key, default=None, required=False):
@@ -748,7 +762,10 @@ def _read_gguf(file: Path, convert) -> tuple[LlamaConfig, dict]:
             f"package cannot dequantize ({e}); requantize the model with another type") from e
     a = a.reshape(tuple(int(d) for d in reversed(t.shape)))  # numpy order: (out, in)
     if a.shape != shape:
-      raise ModelError(f"{file}: tensor {name} has shape {a.shape}, expected {shape}")
+      raise ModelError(
+          f"{file}: tensor {name} has shape {a.shape}, but the file's metadata ({arch}.*: "
+          f"{_describe_gguf_config(config)}) implies {shape}; metadata and tensors disagree, so "
+          "the file is corrupt or was written by a faulty converter: convert the model again")
     return a
 
   arrays: dict = {}
@@ -771,6 +788,13 @@ def _read_gguf(file: Path, convert) -> tuple[LlamaConfig, dict]:
   if extra:
     raise ModelError(f"{file} holds tensors jlora.models.llama does not know: {extra[:5]}")
   return config, arrays
+
+
+def _describe_gguf_config(config: LlamaConfig) -> str:
+  return (f"embedding_length={config.hidden_size}, feed_forward_length="
+          f"{config.intermediate_size}, attention.head_count={config.num_heads}, "
+          f"attention.head_count_kv={config.num_kv_heads}, head dim {config.head_dim}, "
+          f"vocabulary {config.vocab_size}")
 
 
 def _rope_factors(config: LlamaConfig) -> np.ndarray | None:
