@@ -768,9 +768,21 @@ def _load_raw_data(cfg: Config, splits: tuple[str, ...] = ("train", "validation"
       out = {s: _sentiment_instructions(ds) for s, ds in out.items()}
     return out
   if d.source == "files":
-    from jlora.data import load_files  # noqa: PLC0415
+    from jlora.data import load_files as _load_files  # noqa: PLC0415
     files = {"train": d.train_files, "validation": d.validation_files, "test": d.test_files}
     kw = {"format": d.format} if d.format else {}
+
+    def load_files(spec, **kw):
+      try:
+        ds = _load_files(spec, **kw)
+      except (StopIteration, datasets.exceptions.DatasetGenerationError) as e:
+        # datasets' json reader raises StopIteration on an empty file
+        raise DataError(f"could not read any rows from {spec!r} ({type(e).__name__}: {e}); "
+                        "is the file empty or malformed?") from None
+      if len(ds) == 0:
+        raise DataError(f"{spec!r} holds no rows (the dataset is empty).")
+      return ds
+
     out = {}
     need_train = "train" in splits or ("validation" in splits and not d.validation_files)
     train_ds = load_files(d.train_files, **kw) if need_train else None
@@ -798,7 +810,6 @@ def _load_raw_data(cfg: Config, splits: tuple[str, ...] = ("train", "validation"
     out["validation"] = parts["test"]
     if "train" in splits:
       out["train"] = parts["train"]
-  del datasets
   return out
 
 

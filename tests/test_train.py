@@ -75,7 +75,7 @@ def sentiment_rows(n: int, seed: int) -> list[dict]:
   rows = []
   for i in range(n):
     label = int(rng.integers(0, 2))
-    words = list(rng.choice(FILL, size=int(rng.integers(2, 9))))
+    words = list(rng.choice(FILL, size=int(rng.integers(1, 4))))
     words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(POS if label else NEG)))
     rows.append({"text": " ".join(words), "label": label})
   return rows
@@ -128,14 +128,15 @@ def _arrays(tree):
 def test_lora_learns_the_task_and_writes_the_run(tiny):
   cfg = load_config(overrides=tiny_cls_overrides(
       tiny["root"], tiny["bert"], "learn", **{"train.max_steps": 60, "train.eval_every": 30,
-                                             "train.save_every": 30}))
+                                             "train.save_every": 30, "train.lr": 5e-2,
+                                             "method.rank": 4}))
   res = train(cfg, log=_quiet)
   out = res.output_dir
   recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in recs if r["split"] == "train"]
-  assert losses[-1] < 0.5 * losses[0]
+  assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.1  # chance level is ln 2 = 0.693
   assert [r["step"] for r in recs if r["split"] == "validation"] == [30, 60]
-  assert res.metrics["test"]["accuracy"] >= 0.9
+  assert res.metrics["test"]["accuracy"] >= 0.7  # 40 examples: P(>= 0.7 by chance) < 1%
   assert (out / "results.json").is_file() and (out / "config.yaml").is_file()
   assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000030", "step_00000060"]
   # The saved adapter, evaluated by an independent path (predict -> numpy argmax ->
@@ -151,7 +152,7 @@ def test_lora_learns_the_task_and_writes_the_run(tiny):
   assert evaluate_run(run, "test")["accuracy"] == pytest.approx(res.metrics["test"]["accuracy"])
   # The trainable-parameter count is LoRA's formula plus the head.
   L, H = 2, 16
-  assert res.trainable_params == 2 * L * 2 * (H + H) + (H * 2 + 2)
+  assert res.trainable_params == 2 * L * 4 * (H + H) + (H * 2 + 2)
 
 
 def test_one_step_equals_a_hand_written_optax_step(tiny):
@@ -228,7 +229,10 @@ def test_ctrl_c_saves_and_resume_equals_an_uninterrupted_run(tiny):
   b = load_adapters(second.adapter_dir, _base_params(load_config(overrides=over)))
   for x, y in zip(_arrays(jlora.split(a)[0]), _arrays(jlora.split(b)[0])):
     np.testing.assert_array_equal(x, y)
-  assert second.metrics["test"] == pytest.approx(ref.metrics["test"], rel=1e-6)
+  for split in ("validation", "test"):
+    second.metrics[split].pop("eval_seconds")
+    ref.metrics[split].pop("eval_seconds")
+  assert second.metrics == pytest.approx(ref.metrics, rel=1e-6)
   steps = [json.loads(x)["step"] for x in (second.output_dir / "metrics.jsonl").read_text().splitlines()
            if json.loads(x)["split"] == "train"]
   assert steps[-1] == 17 and 8 in steps
@@ -343,7 +347,7 @@ def test_unknown_target_module_names_the_closest(tiny):
 
 def test_bitfit_on_a_model_without_biases_is_a_config_error(tiny):
   with pytest.raises(ConfigError, match="no bias"):
-    build_rules(load_config(overrides=["method.name=bitfit"]),
+    build_rules(load_config(overrides=["method.name=bitfit", "method.train_also=[]"]),
                 {"layers": {"q_proj": {"kernel": jnp.zeros((2, 4, 4))}}}, "llama")
 
 
@@ -379,7 +383,8 @@ def _lm_overrides(tiny, out, **extra):
            "data.task": "causal_lm", "data.source": "files",
            "data.train_files": str(data / "train.txt"), "data.test_files": str(data / "test.txt"),
            "data.max_length": 16, "train.batch_size": 4, "train.max_steps": 30, "train.lr": 1e-2,
-           "train.progress": False, "train.tensorboard": False, "method.rank": 4, "resume": False}
+           "train.progress": False, "train.tensorboard": False, "method.rank": 4, "resume": False,
+           "method.train_also": "lm_head"}
   items.update(extra)
   return [f"{k}={v}" for k, v in items.items()]
 
@@ -388,7 +393,7 @@ def test_causal_lm_lowers_perplexity_and_merges(tiny):
   cfg = load_config(overrides=_lm_overrides(tiny, "lm"))
   base = evaluate_run(load_run(cfg=cfg, base=True), "test")
   res = train(cfg, log=_quiet)
-  assert res.metrics["test"]["perplexity"] < 0.7 * base["perplexity"]
+  assert res.metrics["test"]["perplexity"] < 0.5 * base["perplexity"]
   run = load_run(res.output_dir)
   # Independent reference for the reported perplexity: numpy log-softmax over
   # llama_forward logits of the merged params, on the same packed test blocks.
@@ -431,3 +436,18 @@ def test_classification_task_on_a_decoder_is_a_config_error(tiny):
   cfg = load_config(overrides=[f"model.name={tiny['llama']}"])
   with pytest.raises(ConfigError, match="needs an encoder"):
     train(cfg, log=_quiet)
+
+
+def test_instruction_tuning_scores_only_the_response(tiny):
+  data = tiny["root"] / "sft"
+  rows = [{"prompt": f"the movie was {w} .", "response": "good" if w in POS else "bad"}
+          for w in POS + NEG] * 4
+  write_jsonl(data / "train.jsonl", rows)
+  cfg = load_config(overrides=_lm_overrides(tiny, "sft", **{
+      "data.task": "instruction", "data.train_files": str(data / "train.jsonl"),
+      "data.test_files": str(data / "train.jsonl"), "data.max_length": 16,
+      "train.max_steps": 20}))
+  res = train(cfg, log=_quiet)
+  # Scored tokens per example: the response word plus EOS ([SEP]) = 2, over 48 rows.
+  assert res.metrics["test"]["tokens"] == 2 * len(rows)
+  assert res.metrics["test"]["perplexity"] < 2.5  # the response is a function of the prompt
