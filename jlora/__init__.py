@@ -49,12 +49,17 @@ from jlora._tree import trainable_mask as trainable_mask
 from jlora._tree import unmerge as unmerge
 from jlora._tree import wrap as wrap
 
+from jlora import distributed as distributed  # noqa: E402
+from jlora import sharding as sharding  # noqa: E402
+from jlora.train_step import TrainState as TrainState  # noqa: E402
+from jlora.train_step import make_train_step as make_train_step  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointManager", "PeftMapping", "Restored", "export_merged", "fingerprint",
     "load_adapters", "load_peft", "peft_mapping", "read_adapter_manifest", "read_peft_config",
-    "save_adapters", "save_peft",
+    "save_adapters", "save_peft", "TrainState", "make_train_step",
     "Axes", "AxesError", "CheckpointError", "ConfigError", "DataError", "FetchError", "Full",
     "FullWeight", "JloraError", "LoRA", "LoraWeight", "ModelError", "RuleError", "ShardingError",
     "SpecError", "Summary", "TreeError", "adapted_leaves", "combine", "lora", "merge",

@@ -23,6 +23,8 @@ def test_every_public_name_has_a_docstring_with_an_example():
     obj = getattr(jlora, name)
     if isinstance(obj, type) and issubclass(obj, Exception):
       continue
+    if type(obj).__name__ == "module":
+      continue
     doc = obj.__doc__ or ""
     if "Example" not in doc and ">>>" not in doc:
       missing.append(name)
