@@ -87,16 +87,18 @@ def _speed(args, modes):
   for mode in modes:
     jstep = _jax_setup(mode, args.layers)
     tstep = _torch_setup(mode, args.layers)
-    jt, tt, jl, tl = [], [], [], []
+    jt, tt, jl, tl, jc, tc = [], [], [], [], [], []
     for i in range(args.warmup + args.steps):
-      t0 = time.perf_counter()
+      c0, t0 = time.process_time(), time.perf_counter()
       loss_j = jstep(tokens)
-      t1 = time.perf_counter()
+      c1, t1 = time.process_time(), time.perf_counter()
       loss_t = tstep(tokens)
-      t2 = time.perf_counter()
+      c2, t2 = time.process_time(), time.perf_counter()
       if i >= args.warmup:
         jt.append(t1 - t0)
         tt.append(t2 - t1)
+        jc.append(c1 - c0)
+        tc.append(c2 - c1)
       jl.append(loss_j)
       tl.append(loss_t)
       print(f"[{mode}] step {i}: jax {t1 - t0:.3f}s loss {loss_j:.4f} | torch {t2 - t1:.3f}s "
@@ -106,6 +108,10 @@ def _speed(args, modes):
         "jax_step_s": jt, "torch_step_s": tt, "jax_median_s": jm, "torch_median_s": tm,
         "jax_tokens_per_s": BATCH * SEQ / jm, "torch_tokens_per_s": BATCH * SEQ / tm,
         "speedup": tm / jm, "jax_loss": jl, "torch_loss": tl,
+        # CPU seconds of the whole process during each step (all threads): robust to other
+        # processes' load, but it counts spin-waiting of idle worker threads too
+        "jax_cpu_s": jc, "torch_cpu_s": tc, "jax_cpu_median_s": _median(jc),
+        "torch_cpu_median_s": _median(tc), "cpu_time_ratio": _median(tc) / _median(jc),
         "jax_device": _jax_device(), "torch_device": "cuda" if _cuda() else "cpu",
     }
     del jstep, tstep
@@ -352,6 +358,10 @@ def _write(results: dict, out: str) -> None:
         f"[{r['jax_device']}] | torch{'+peft' if mode == 'lora' else ''} {r['torch_median_s']:.3f} "
         f"s/step = {r['torch_tokens_per_s']:.0f} tok/s [{r['torch_device']}] | jax/torch "
         f"{r['speedup']:.2f}x (target >= {target[mode]}x: {'met' if ok else 'NOT met'})")
+    lines.append(f"        CPU time per step (process, all threads): jax {r['jax_cpu_median_s']:.3f} s, "
+                 f"torch {r['torch_cpu_median_s']:.3f} s -> torch/jax {r['cpu_time_ratio']:.2f}x")
+    lines.append(f"        wall times jax: " + ", ".join(f"{t:.2f}" for t in r["jax_step_s"])
+                 + " | torch: " + ", ".join(f"{t:.2f}" for t in r["torch_step_s"]))
     lines.append(f"        first losses: jax {r['jax_loss'][0]:.4f}, torch {r['torch_loss'][0]:.4f}")
   ch = results.get("children")
   if ch:

@@ -278,26 +278,24 @@ def test_plain_functions(name):
 
 # -- jlora's models -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_llama_scanned_layers(tied):
+def test_llama_scanned_layers_and_tied_embedding():
   from jlora.models.llama import LlamaConfig, init_llama, llama_forward
   cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4,
-                    num_kv_heads=2, tie_word_embeddings=tied)
+                    num_kv_heads=2, tie_word_embeddings=True)
   params = init_llama(cfg, KEY)
+  # every kernel, and the embedding: looked up (gather) and used as the output head (einsum)
   rules = {"layers/**/kernel": jlora.LoRA(2, stack_axes=1, alpha=4),
            "embed_tokens/embedding": jlora.LoRA(2)}
-  if not tied:
-    rules["lm_head/kernel"] = jlora.LoRA(2)
   ids = jnp.array([[1, 5, 7, 39, 2], [3, 3, 0, 11, 12]])
   check(lambda p, ids: llama_forward(p, ids, cfg, attention_mask=jnp.array([[1] * 5, [0, 1, 1, 1, 1]])),
         _wrap(params, rules), ids)
 
 
-@pytest.mark.parametrize("remat", [None, "nothing_saveable"])
-def test_bert_scanned_layers(remat):
+def test_bert_scanned_remat_layers():
   from jlora.models.bert import BertConfig, BertForSequenceClassification
   cfg = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                   intermediate_size=24, max_position_embeddings=16, num_labels=3, remat_policy=remat)
+                   intermediate_size=24, max_position_embeddings=16, num_labels=3,
+                   remat_policy="nothing_saveable")
   model = BertForSequenceClassification(cfg)
   ids = jnp.array([[2, 5, 7, 29], [1, 3, 0, 0]])
   params = model.init(KEY, ids)["params"]
@@ -442,3 +440,17 @@ def test_swapping_adapters_does_not_recompile():
   v1, v2 = loss(trainable, x), loss(other, x)
   assert float(v1) != float(v2)
   assert len(traces) == 1 and loss._cache_size() == 1
+
+
+def test_unrolled_mode_used_for_flop_counts_computes_the_same():
+  from jlora._rewrite import lift
+  fn, params, rules = PLAIN["lax_scan_reverse_with_consts"]
+  tree = _wrap(params, rules)
+  x = _rnd(4, 6, seed=5)
+  unrolled = jax.jit(lift(fn, strict=True, unroll=True))
+  _close(unrolled(tree, x), jlora.lora(fn)(tree, x))
+  text = unrolled.lower(tree, x).as_text()
+  assert "while" not in text
+  # without adapters it still unrolls (the full fine-tuning side of the comparison)
+  plain = jax.jit(lift(fn, strict=True, unroll=True)).lower(jlora.merge(tree), x).as_text()
+  assert "while" not in plain
