@@ -161,15 +161,16 @@ def _jax_setup(mode: str, layers: int, *, report=None):
     return optax.apply_updates(trainable, updates), opt_state, loss
 
   tok = jnp.asarray(_tokens())
-  t0 = time.perf_counter()
+  t0, p0 = time.perf_counter(), time.process_time()
   lowered = jax.jit(train_step, donate_argnums=(0, 1)).lower(trainable, opt_state, frozen, tok)
-  t1 = time.perf_counter()
+  t1, p1 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
-  t2 = time.perf_counter()
+  t2, p2 = time.perf_counter(), time.process_time()
   if report is not None:
     report["trace_lower_s"] = t1 - t0
     report["compile_s"] = t2 - t1
     report["trace_lower_compile_s"] = t2 - t0
+    report["trace_lower_compile_cpu_s"] = p2 - p0
     try:
       mem = compiled.memory_analysis()
       report["xla_temp_bytes"] = int(mem.temp_size_in_bytes)
@@ -371,7 +372,8 @@ def _write(results: dict, out: str) -> None:
       if "error" in r:
         lines.append(f"  {name}: ERROR {r['error'][-300:]}")
         continue
-      comp = (f"trace+lower {r['trace_lower_s']:.1f} s, compile {r['compile_s']:.1f} s, "
+      comp = (f"trace+lower {r['trace_lower_s']:.1f} s, compile {r['compile_s']:.1f} s "
+              f"(CPU {r['trace_lower_compile_cpu_s']:.1f} s), "
               if "compile_s" in r else f"setup {r.get('setup_s', 0):.1f} s, ")
       lines.append(f"  {name:10s}: {comp}peak RSS {r['peak_rss_mb']:.0f} MB (after import "
                    f"{r['rss_after_import_mb']:.0f} MB), steps "
@@ -379,10 +381,11 @@ def _write(results: dict, out: str) -> None:
     if _ok(ch, "jax-lora", "jax-full"):
       jl, jf = ch["jax-lora"], ch["jax-full"]
       c = jl["trace_lower_compile_s"] / jf["trace_lower_compile_s"]
+      cc = jl["trace_lower_compile_cpu_s"] / jf["trace_lower_compile_cpu_s"]
       m = jl["peak_rss_mb"] / jf["peak_rss_mb"]
-      lines.append(f"  jax LoRA / full: trace+lower+compile {c:.2f}x (target <= 1.2x: "
-                   f"{'met' if c <= 1.2 else 'NOT met'}), peak RSS {m:.2f}x (target <= 0.6x: "
-                   f"{'met' if m <= 0.6 else 'NOT met'})")
+      lines.append(f"  jax LoRA / full: trace+lower+compile wall {c:.2f}x, CPU {cc:.2f}x (target <= "
+                   f"1.2x: {'met' if max(c, cc) <= 1.2 else 'NOT met' if min(c, cc) > 1.2 else 'mixed'})"
+                   f", peak RSS {m:.2f}x (target <= 0.6x: {'met' if m <= 0.6 else 'NOT met'})")
     if _ok(ch, "torch-lora", "torch-full"):
       m = ch["torch-lora"]["peak_rss_mb"] / ch["torch-full"]["peak_rss_mb"]
       lines.append(f"  torch LoRA / full: peak RSS {m:.2f}x (reference)")
