@@ -52,11 +52,13 @@ def _close(got, want, rtol=1e-5):
     np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * max(1.0, np.abs(w).max()))
 
 
-def check(fn, tree, *args, rtol=1e-5, forward_mode=False, **kwargs):
-  """lora(fn) == fn(merge) in value, and d/dA, d/dB agree; strict, so nothing was merged.
+def _pair(fn, tree, *args, forward_mode=False, **kwargs):
+  """``(trainable, reference, lifted)``: functions of the trainable half returning (value, derivative).
 
-  ``forward_mode`` compares directional derivatives (jvp) instead of gradients,
-  for loops JAX cannot reverse-differentiate.
+  The reference runs ``fn`` on ``merge``; the lifted one runs ``lora(fn, strict=True)``,
+  so any use that had to be merged raises. The derivative is the gradient of a
+  scalar of the output, or with ``forward_mode`` a jvp (for loops JAX cannot
+  reverse-differentiate).
   """
   trainable, frozen = jlora.split(tree)
   lifted = jlora.lora(fn, strict=True)
@@ -65,15 +67,43 @@ def check(fn, tree, *args, rtol=1e-5, forward_mode=False, **kwargs):
   if forward_mode:
     tangent = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(x.size).normal(size=x.shape),
                                                  x.dtype), trainable)
-    both = lambda f: jax.jit(lambda t: jax.jvp(f, (t,), (tangent,)))  # noqa: E731
+    deriv = lambda f: lambda t: jax.jvp(f, (t,), (tangent,))  # noqa: E731
   else:
-    both = lambda f: jax.jit(lambda t: (f(t), jax.grad(lambda u: _scalar(f(u)))(t)))  # noqa: E731
-  (out_ref, d_ref), (out_new, d_new) = both(ref_f)(trainable), both(new_f)(trainable)
+    deriv = lambda f: lambda t: (f(t), jax.grad(lambda u: _scalar(f(u)))(t))  # noqa: E731
+  return trainable, deriv(ref_f), deriv(new_f)
+
+
+def _compare(ref, new, rtol=1e-5):
+  (out_ref, d_ref), (out_new, d_new) = ref, new
   _close(out_new, out_ref, rtol)
   assert jax.tree.structure(d_new) == jax.tree.structure(d_ref)
   for leaf in jax.tree.leaves(d_ref):
     assert np.abs(np.asarray(leaf)).max() > 0  # every adapter is used
   _close(d_new, d_ref, rtol)
+
+
+def _run(f, *args):
+  """``jit(f)(*args)``, compiled without LLVM optimisation: these programs are tiny and
+  compile time dominates (same math, both sides compiled alike)."""
+  return jax.jit(f).lower(*args).compile(FAST_COMPILE)(*args)
+
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def check(fn, tree, *args, rtol=1e-5, forward_mode=False, **kwargs):
+  """lora(fn) == fn(merge) in value, and d/dA, d/dB agree; strict, so nothing was merged."""
+  trainable, ref, new = _pair(fn, tree, *args, forward_mode=forward_mode, **kwargs)
+  _compare(_run(ref, trainable), _run(new, trainable), rtol)
+
+
+def _check_many(cases):
+  """Runs many ``_pair``s in two compiled programs (compiling each case apart is slow)."""
+  built = {name: _pair(*c[:-1], forward_mode=c[-1]) for name, c in cases.items()}
+  ts = {n: b[0] for n, b in built.items()}
+  ref = _run(lambda ts: {n: built[n][1](t) for n, t in ts.items()}, ts)
+  new = _run(lambda ts: {n: built[n][2](t) for n, t in ts.items()}, ts)
+  return {n: (ref[n], new[n]) for n in ts}
 
 
 # -- Flax linen layers ------------------------------------------------------------------------
@@ -142,11 +172,18 @@ LINEN = {
 }
 
 
+@pytest.fixture(scope="module")
+def linen_results():
+  cases = {}
+  for name, (module, x, rules) in LINEN.items():
+    apply, tree = _linen(module, x, rules)
+    cases[name] = (apply, tree, x, False)
+  return _check_many(cases)
+
+
 @pytest.mark.parametrize("name", sorted(LINEN))
-def test_flax_linen_layers(name):
-  module, x, rules = LINEN[name]
-  apply, tree = _linen(module, x, rules)
-  check(apply, tree, x)
+def test_flax_linen_layers(name, linen_results):
+  _compare(*linen_results[name])
 
 
 def test_flax_nnx_split_merge():
@@ -269,11 +306,18 @@ PLAIN["custom_vjp"] = (lambda p, x: _cvjp_dense(x, p["w"]), _p(w=(6, 5)), {"w": 
 PLAIN["custom_jvp"] = (lambda p, x: _cjvp_dense(x, p["w"]), _p(w=(6, 5)), {"w": jlora.LoRA(2)})
 
 
+@pytest.fixture(scope="module")
+def plain_results():
+  cases = {}
+  for name, (fn, params, rules) in PLAIN.items():
+    x = jnp.array([[1, 4, 10], [0, 7, 3]]) if name.startswith("embedding") else _rnd(4, 6, seed=5)
+    cases[name] = (fn, _wrap(params, rules), x, name in ("weight_in_loop_carry", "while_loop_const"))
+  return _check_many(cases)
+
+
 @pytest.mark.parametrize("name", sorted(PLAIN))
-def test_plain_functions(name):
-  fn, params, rules = PLAIN[name]
-  x = jnp.array([[1, 4, 10], [0, 7, 3]]) if name.startswith("embedding") else _rnd(4, 6, seed=5)
-  check(fn, _wrap(params, rules), x, forward_mode=name in ("weight_in_loop_carry", "while_loop_const"))
+def test_plain_functions(name, plain_results):
+  _compare(*plain_results[name])
 
 
 # -- jlora's models -----------------------------------------------------------------------------
