@@ -296,6 +296,10 @@ def _machine() -> dict:
     pass
   info = {"cpu_model": model, "cpus_online": os.cpu_count(), "cpus_used": len(os.sched_getaffinity(0)),
           "platform": platform.platform(), "python": platform.python_version()}
+  try:
+    import torch  # noqa: F401 - the main process runs torch anyway
+  except ImportError:
+    pass
   if _cuda():
     import torch
     info["gpu"] = torch.cuda.get_device_name(0)

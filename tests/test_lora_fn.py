@@ -243,6 +243,8 @@ PLAIN = {
     "scaled_and_shifted": (
         lambda p, x: x @ (p["w"] * 0.5 + p["c"]) + x @ (-(p["w"] / 3.0)) + x @ (p["c"] - p["w"]),
         _p(w=(6, 5), c=(6, 5)), {"w": jlora.LoRA(2)}),
+    "weight_on_the_left": (lambda p, x: (p["w"].T @ x.T).T + jnp.einsum("io,bi->ob", p["w"], x).T,
+                           _p(w=(6, 5)), {"w": jlora.LoRA(2)}),
     "vmap_inside": (lambda p, x: jax.vmap(lambda xi: xi @ p["w"])(x), _p(w=(6, 5)), {"w": jlora.LoRA(2)}),
     "cast_f32": (lambda p, x: x @ p["w"].astype(jnp.float32), _p(w=(6, 5)), {"w": jlora.LoRA(2)}),
     "lax_scan": (lambda p, x: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), h.sum()), x, p["ws"]),
