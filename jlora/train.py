@@ -211,9 +211,6 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
       f"output {out}")
   if resumed_from is not None:
     log(f"resuming from {resumed_from} (step {start_step})")
-  if cfg.method.name == "lora" and cfg.method.dropout > 0:
-    log("note: method.dropout > 0 is stored in the adapter spec, but jlora.lora currently "
-        "merges adapters before the forward pass, which applies no adapter dropout.")
 
   train_step = _make_train_step(cfg, model, frozen, tx, total_steps)
   eval_fn = _make_eval_fn(cfg, model)
@@ -958,14 +955,24 @@ def _schedule(cfg: Config, total_steps: int) -> Callable[[int], Any]:
       0.0, tc.lr, warmup, max(total_steps, warmup + 1), end_value=tc.lr * tc.min_lr_ratio)
 
 
+#: ``lora_key = fold_in(micro_batch_key, LORA_DROPOUT_SALT)``, where the micro-batch key is
+#: ``fold_in(fold_in(key(seed + 1), step), micro_batch_index)``.
+LORA_DROPOUT_SALT = 0x10A
+
+
 def _make_train_step(cfg: Config, model: _Model, frozen: Any, tx: optax.GradientTransformation,
                      total_steps: int):
   task = cfg.data.task
   forward = jlora.lora(lambda p, batch, det, rng: model.forward(p, batch, det, rng))
   schedule = _schedule(cfg, total_steps)
 
+  lora_dropout = cfg.method.name == "lora" and cfg.method.dropout > 0
+
   def micro_loss(trainable, frozen, batch, rng):
-    logits = forward(jlora.combine(trainable, frozen), batch, False, rng)
+    # the model's own dropout uses rng; LoRA dropout on the low-rank path's input gets an
+    # independent key derived from it (jlora.lora applies dropout only given lora_key)
+    kwargs = {"lora_key": jax.random.fold_in(rng, LORA_DROPOUT_SALT)} if lora_dropout else {}
+    logits = forward(jlora.combine(trainable, frozen), batch, False, rng, **kwargs)
     return _loss_sum(task, logits, batch)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

@@ -190,6 +190,47 @@ def test_one_step_equals_a_hand_written_optax_step(tiny):
   assert not all(np.array_equal(a, r) for a, r in zip(_arrays(got), _arrays(t)))
 
 
+def test_lora_dropout_is_applied_in_training(tiny):
+  """method.dropout reaches the low-rank path: the step equals a hand-written step that
+  calls jlora.lora(apply) with the documented lora_key, and differs from dropout 0."""
+  from jlora.train import LORA_DROPOUT_SALT
+  over = tiny_cls_overrides(tiny["root"], tiny["bert"], "dropout", **{
+      "train.max_steps": 1, "train.warmup_ratio": 0, "train.clip_norm": 0, "train.weight_decay": 0,
+      "method.dropout": 0.5, "resume": False})
+  cfg = load_config(overrides=over)
+  res = train(cfg, log=_quiet)
+  got = jlora.split(load_adapters(res.adapter_dir, _base_params(cfg)))[0]
+  from jlora.data import ClassificationTask, epoch_order, load_files
+  from jlora.models.bert import load_bert
+  model, params, tok = load_bert(tiny["bert"], task="classification", num_labels=2,
+                                 pooling="mean", key=jax.random.key(cfg.train.seed))
+  tree = jlora.wrap(params, build_rules(cfg, params, "bert"), key=jax.random.key(cfg.train.seed))
+  assert {leaf.spec.dropout for _, leaf in jlora.adapted_leaves(tree) if isinstance(leaf, jlora.LoraWeight)} == {0.5}
+  t, f = jlora.split(tree)
+  feats = ClassificationTask(tok, 16).encode(load_files(cfg.data.train_files))
+  idx = epoch_order(len(feats["labels"]), cfg.train.seed, 0)[:8]
+  b = {k: jnp.asarray(v[idx]) for k, v in feats.items()}
+  micro_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.train.seed + 1), 0), 0)
+  apply = jlora.lora(lambda p: model.apply({"params": p}, b["input_ids"], b["attention_mask"],
+                                           b["token_type_ids"]))
+
+  def step(lora_key):
+    def loss(t):
+      kw = {} if lora_key is None else {"lora_key": lora_key}
+      logits = apply(jlora.combine(t, f), **kw)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
+    g = jax.grad(loss)(t)
+    mask = jax.tree.map(lambda x: x.ndim >= 2, g)
+    tx = optax.adamw(1e-2, weight_decay=0.0, mask=mask)
+    return optax.apply_updates(t, tx.update(g, tx.init(t), t)[0])
+
+  ref = step(jax.random.fold_in(micro_key, LORA_DROPOUT_SALT))
+  no_dropout = step(None)
+  for a, r in zip(_arrays(got), _arrays(ref)):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-7)
+  assert max(float(np.abs(a - r).max()) for a, r in zip(_arrays(got), _arrays(no_dropout))) > 1e-4
+
+
 def _base_params(cfg):
   from jlora.models.bert import load_bert
   _, params, _ = load_bert(cfg.model.name, task="classification", num_labels=2, pooling="mean",
