@@ -589,17 +589,7 @@ def atomic_write_dir(target: Path, write: Callable[[Path], None], *, overwrite: 
   try:
     write(tmp)
     fsync_tree(tmp)
-    if target.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
-      os.replace(target, old / "d")
-      try:
-        os.replace(tmp, target)
-      except BaseException:
-        os.replace(old / "d", target)
-        raise
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, target)
+    replace_dir(tmp, target)
     _fsync_dir(parent)
   except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -608,6 +598,25 @@ def atomic_write_dir(target: Path, write: Callable[[Path], None], *, overwrite: 
     raise CheckpointError(
         f"could not write the {what} at {target}: {_short(e)}{_disk_hint(e)}. Nothing was "
         f"written{' and the existing one is unchanged' if target.exists() else ''}") from e
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+  """Renames the finished directory ``tmp`` over ``target`` (a sibling of it, or absent).
+
+  An existing ``target`` is first moved aside and put back if the final rename fails, so
+  ``target`` is either the old directory or the new one; errors propagate unchanged.
+  """
+  if target.exists():
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / "d")
+    try:
+      os.replace(tmp, target)
+    except BaseException:
+      os.replace(old / "d", target)
+      raise
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, target)
 
 
 def fsync_tree(root: Path) -> None:

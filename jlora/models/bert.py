@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._checkpoint import replace_dir
 from jlora._errors import ConfigError, ModelError
 
 __all__ = [
@@ -925,17 +926,7 @@ def save_bert_hf(model_or_config: nn.Module | BertConfig, params: Mapping[str, A
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
-    if target.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-      os.replace(target, old / "d")
-      try:
-        os.replace(tmp, target)
-      except BaseException:
-        os.replace(old / "d", target)
-        raise
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, target)
+    replace_dir(tmp, target)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
