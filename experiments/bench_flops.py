@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import jlora
-from jlora._rewrite import full_size_dots, lift
-from jlora.models.llama import LlamaConfig, init_llama, llama_forward
+from jlora._hlo import abstract_llama_step
+from jlora._rewrite import full_size_dots
+from jlora.models.llama import LlamaConfig
 
 LINEAR = "layers/{self_attn/{q,k,v,o}_proj,mlp/{gate,up,down}_proj}/kernel"
 KERNELS = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
@@ -45,24 +45,10 @@ def compiled_step(layers: int, kind: str, *, unroll: bool):
   cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=layers,
                     num_heads=9, num_kv_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
                     tie_word_embeddings=True)
-  params = jax.eval_shape(lambda: init_llama(cfg, jax.random.key(0)))
-  tree = jax.eval_shape(lambda p: jlora.wrap(p, RULES[kind], key=jax.random.key(1)), params)
-  trainable, frozen = jlora.split(tree)
   tx = jlora.optimizer(optax.adamw(1e-4, weight_decay=0.01))
-  opt_state = jax.eval_shape(tx.init, trainable)
-  forward = lift(llama_forward, strict=True, unroll=unroll)
-
-  def step(trainable, opt_state, frozen, tokens):
-    def loss_fn(t):
-      logits = forward(jlora.combine(t, frozen), tokens, cfg)
-      return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-
-  tokens = jax.ShapeDtypeStruct((4, 128), jnp.int32)
+  step, args = abstract_llama_step(cfg, RULES[kind], tx, unroll=unroll)
   t0 = time.perf_counter()
-  c = jax.jit(step, donate_argnums=(0, 1)).lower(trainable, opt_state, frozen, tokens).compile()
+  c = step.lower(*args).compile()
   return c, time.perf_counter() - t0
 
 

@@ -8,14 +8,13 @@ extrapolated linearly to 30 (``experiments/bench_flops.py`` checks the
 extrapolation against a 30-layer compile).
 """
 
-import jax
-import jax.numpy as jnp
 import optax
 import pytest
 
 import jlora
-from jlora._rewrite import full_size_dots, lift
-from jlora.models.llama import LlamaConfig, init_llama, llama_forward
+from jlora._hlo import abstract_llama_step
+from jlora._rewrite import full_size_dots
+from jlora.models.llama import LlamaConfig
 
 pytestmark = pytest.mark.slow
 
@@ -32,26 +31,9 @@ def _config(layers, **kw):
 
 def _compiled_step(cfg, rules, *, unroll=False, merged=False):
   """jit(step).lower().compile() of one AdamW step; params are abstract (nothing allocated)."""
-  params = jax.eval_shape(lambda: init_llama(cfg, jax.random.key(0)))
-  tree = jax.eval_shape(lambda p: jlora.wrap(p, rules, key=jax.random.key(1)), params)
-  trainable, frozen = jlora.split(tree)
-  tx = jlora.optimizer(optax.adamw(1e-4))
-  opt_state = jax.eval_shape(tx.init, trainable)
-  if merged:
-    forward = lambda t, tokens, cfg: llama_forward(jlora.merge(t), tokens, cfg)  # noqa: E731
-  else:
-    forward = lift(llama_forward, strict=True, unroll=unroll)
-
-  def step(trainable, opt_state, frozen, tokens):
-    def loss_fn(t):
-      logits = forward(jlora.combine(t, frozen), tokens, cfg)
-      return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-
-  tokens = jax.ShapeDtypeStruct((4, 128), jnp.int32)
-  return jax.jit(step, donate_argnums=(0, 1)).lower(trainable, opt_state, frozen, tokens).compile()
+  step, args = abstract_llama_step(cfg, rules, jlora.optimizer(optax.adamw(1e-4)), unroll=unroll,
+                                   merged=merged)
+  return step.lower(*args).compile()
 
 
 KERNELS = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
