@@ -22,6 +22,13 @@ Usage::
 
   python experiments/bench_peft.py                 # writes experiments/results/bench_peft.{txt,json}
   python experiments/bench_peft.py --steps 3 --layers 2 --out /tmp/bench   # a quick smoke run
+  python experiments/bench_peft.py --layout stacked --donate all           # the scanned layout
+
+The jax side runs the model with per-layer weight arrays
+(``jlora.models.llama.unstack_layers``) and donates no buffers by default: on XLA:CPU
+both the stacked layout under ``lax.scan`` (a copy of each layer's weights out of the
+stack every step) and donating the trained params (a copy of every donated weight) cost
+time; ``--layout stacked --donate all`` measures that configuration.
 
 On a machine with a CUDA GPU the torch side runs there (and jax does too when
 it has a GPU backend); the device is named in the results.
@@ -53,6 +60,13 @@ def main() -> None:
   ap.add_argument("--threads", type=int, default=2, help="CPU threads for both sides")
   ap.add_argument("--layers", type=int, default=SHAPE["layers"])
   ap.add_argument("--modes", default="lora,full")
+  ap.add_argument("--layout", default="unstacked", choices=("unstacked", "stacked"),
+                  help="jax params layout: per-layer arrays (a Python loop over layers) or "
+                       "stacked (L, ...) arrays under lax.scan")
+  ap.add_argument("--donate", default="none", choices=("none", "opt", "all"),
+                  help="jax buffers donated to the step: none, the optimizer state, or params "
+                       "and optimizer state (on XLA:CPU donation adds a copy of every donated "
+                       "weight per step and measured slower)")
   ap.add_argument("--no-children", action="store_true", help="skip compile-time / memory runs")
   ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_peft"))
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -66,7 +80,8 @@ def main() -> None:
   load_before = os.getloadavg()
   results = {"machine": _machine(), "versions": _versions(), "threads": args.threads,
              "shape": {**SHAPE, "layers": args.layers}, "batch": [BATCH, SEQ], "rank": RANK,
-             "steps": args.steps, "warmup": args.warmup, "load_before": load_before}
+             "steps": args.steps, "warmup": args.warmup, "load_before": load_before,
+             "jax_layout": args.layout, "jax_donate": args.donate}
   results["speed"] = _speed(args, modes)
   if not args.no_children:
     results["children"] = {}
@@ -85,7 +100,7 @@ def _speed(args, modes):
   out = {}
   tokens = _tokens()
   for mode in modes:
-    jstep = _jax_setup(mode, args.layers)
+    jstep = _jax_setup(mode, args.layers, args.layout, args.donate)
     tstep = _torch_setup(mode, args.layers)
     jt, tt, jl, tl, jc, tc = [], [], [], [], [], []
     for i in range(args.warmup + args.steps):
@@ -126,21 +141,25 @@ def _tokens():
   return np.random.default_rng(0).integers(0, SHAPE["vocab"], (BATCH, SEQ)).astype(np.int32)
 
 
-def _jax_setup(mode: str, layers: int, *, report=None):
+def _jax_setup(mode: str, layers: int, layout: str, donate: str = "none", *, report=None):
   """Builds params, optimizer and the compiled step; returns ``step(tokens) -> loss``."""
   import jax
   import jax.numpy as jnp
   import optax
 
   import jlora
-  from jlora.models.llama import LlamaConfig, init_llama, llama_forward
+  from jlora.models.llama import LlamaConfig, init_llama, llama_forward, unstack_layers
 
   cfg = LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"],
                     intermediate_size=SHAPE["inter"], num_layers=layers, num_heads=SHAPE["heads"],
                     num_kv_heads=SHAPE["kv_heads"], rms_norm_eps=SHAPE["eps"],
                     rope_theta=SHAPE["theta"], tie_word_embeddings=True)
   params = init_llama(cfg, jax.random.key(0))
-  if mode == "lora":
+  if layout == "unstacked":
+    params = unstack_layers(params)  # per-layer arrays: no weight slice copies under scan
+  if mode == "lora" and layout == "unstacked":
+    rules = {"layers/*/self_attn/{q,v}_proj/kernel": jlora.LoRA(RANK, alpha=RANK)}
+  elif mode == "lora":
     rules = {"layers/self_attn/{q,v}_proj/kernel": jlora.LoRA(RANK, alpha=RANK, stack_axes=1)}
   else:
     rules = {"**": jlora.Full()}
@@ -155,14 +174,20 @@ def _jax_setup(mode: str, layers: int, *, report=None):
   def train_step(trainable, opt_state, frozen, tokens):
     def loss_fn(t):
       logits = forward(jlora.combine(t, frozen), tokens, cfg)
-      return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+      # next-token targets without slicing the (B, T, V) logits (a 100 MB copy): shift the
+      # labels instead and weight the last position 0, as transformers' loss does
+      labels = jnp.roll(tokens, -1, axis=1)
+      weight = (jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1).astype(jnp.float32)
+      per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      return (per_token * weight).sum() / (weight.sum() * tokens.shape[0])
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
   tok = jnp.asarray(_tokens())
   t0, p0 = time.perf_counter(), time.process_time()
-  lowered = jax.jit(train_step, donate_argnums=(0, 1)).lower(trainable, opt_state, frozen, tok)
+  donate = {"none": (), "opt": (1,), "all": (0, 1)}[donate]
+  lowered = jax.jit(train_step, donate_argnums=donate).lower(trainable, opt_state, frozen, tok)
   t1, p1 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   t2, p2 = time.perf_counter(), time.process_time()
@@ -226,7 +251,8 @@ def _torch_setup(mode: str, layers: int):
 
 def _run_child(args, which: str) -> dict:
   cmd = [sys.executable, __file__, "--child", which, "--steps", "3", "--warmup", "0",
-         "--threads", str(args.threads), "--layers", str(args.layers)]
+         "--threads", str(args.threads), "--layers", str(args.layers), "--layout", args.layout,
+         "--donate", args.donate]
   print("child:", which, flush=True)
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
@@ -241,7 +267,7 @@ def _child(args) -> dict:
   if fw == "jax":
     import jax  # noqa: F401
     report["rss_after_import_mb"] = _rss_mb()
-    step = _jax_setup(mode, args.layers, report=report)
+    step = _jax_setup(mode, args.layers, args.layout, args.donate, report=report)
   else:
     import torch  # noqa: F401
     report["rss_after_import_mb"] = _rss_mb()
@@ -351,6 +377,8 @@ def _write(results: dict, out: str) -> None:
       f"load average before {results['load_before'][0]:.2f}, after {results['load_after'][0]:.2f}",
       "versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
       f"GPU: {results['gpu']}",
+      f"jax side: params layout {results['jax_layout']}, donated buffers: {results['jax_donate']}; "
+      "loss: mean next-token cross-entropy over the 127 predicting positions on both sides",
       "",
       "speed (interleaved in one process; median of "
       f"{results['steps']} steps after {results['warmup']} warm-up):",

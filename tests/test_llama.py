@@ -15,7 +15,7 @@ import transformers
 import jlora
 from jlora import ConfigError, ModelError, TreeError
 from jlora.models.llama import (LlamaConfig, init_llama, init_llama_cache, llama_forward,
-                                llama_forward_cached)
+                                llama_forward_cached, stack_layers, unstack_layers)
 from jlora.models.llama_io import (llama_config_from_hf, llama_config_to_hf, load_llama,
                                    save_llama, save_llama_gguf)
 
@@ -379,6 +379,64 @@ def test_remat_gradients_equal():
   g2 = grad(params, True)
   assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(g1))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
+
+
+def test_unstacked_layout_matches_transformers_and_the_stacked_lora_gradients(hf_dirs, fwd):
+  model, folder = hf_dirs["llama-bias"]
+  config, params = load_llama(folder)
+  flat = unstack_layers(params)
+  assert isinstance(flat["layers"], list) and len(flat["layers"]) == config.num_layers
+  assert flat["layers"][1]["self_attn"]["q_proj"]["kernel"].shape == (32, 32)
+  jax.tree.map(np.testing.assert_array_equal, stack_layers(flat), params)  # exact inverse
+  ids = _ids((2, 9), seed=3)
+  mask = np.ones_like(ids)
+  mask[1, :2] = 0
+  real = mask.astype(bool)
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  ref = _torch_logits(model, ids, mask, positions)
+  got = np.asarray(fwd(flat, ids, config=config, attention_mask=mask))
+  np.testing.assert_allclose(got[real], ref[real], atol=2e-5, rtol=1e-4)
+  # cached decoding in the unstacked layout gives the same logits
+  step = jax.jit(llama_forward_cached, static_argnames="config")
+  cache = init_llama_cache(config, 2, 12)
+  first, cache = step(flat, ids[:, :7], cache, config=config, attention_mask=mask[:, :7])
+  last, cache = step(flat, ids[:, 7:], cache, config=config)
+  cached = np.concatenate([np.asarray(first), np.asarray(last)], axis=1)
+  np.testing.assert_allclose(cached[real], got[real], atol=2e-5, rtol=1e-4)
+  # LoRA through jlora.lora: per-layer rules on the unstacked tree give the gradients of a
+  # stacked tree whose adapters hold the same per-layer factors
+  stacked = jlora.wrap(params, {"layers/self_attn/{q,v}_proj/kernel": jlora.LoRA(2, stack_axes=1)},
+                       key=jax.random.key(0))
+  for n, name in enumerate(("q_proj", "v_proj")):  # nonzero B, so A gets a gradient too
+    leaf = stacked["layers"]["self_attn"][name]["kernel"]
+    b = 0.1 * jax.random.normal(jax.random.key(n), leaf.b.shape)
+    stacked["layers"]["self_attn"][name]["kernel"] = leaf.replace(b=b)
+  per_layer = jlora.wrap(flat, {"layers/*/self_attn/{q,v}_proj/kernel": jlora.LoRA(2)},
+                         key=jax.random.key(0))
+
+  def copy_factors(i, leaf, name):
+    src = stacked["layers"]["self_attn"][name]["kernel"]
+    return leaf.replace(a=src.a[i], b=src.b[i])
+
+  for i, layer in enumerate(per_layer["layers"]):
+    for name in ("q_proj", "v_proj"):
+      layer["self_attn"][name]["kernel"] = copy_factors(i, layer["self_attn"][name]["kernel"], name)
+  forward = jlora.lora(llama_forward)
+
+  def loss(tree):
+    t, f = jlora.split(tree)
+    return jax.grad(lambda t: forward(jlora.combine(t, f), jnp.asarray(ids), config).std())(t)
+
+  g_stacked, g_flat = loss(stacked), loss(per_layer)
+  for i in range(config.num_layers):
+    for name in ("q_proj", "v_proj"):
+      a = g_stacked["layers"]["self_attn"][name]["kernel"]
+      b = g_flat["layers"][i]["self_attn"][name]["kernel"]
+      assert np.abs(np.asarray(a.b[i])).max() > 0 and np.abs(np.asarray(a.a[i])).max() > 0
+      np.testing.assert_allclose(np.asarray(b.a), np.asarray(a.a[i]), rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(np.asarray(b.b), np.asarray(a.b[i]), rtol=1e-5, atol=1e-7)
+  with pytest.raises(TreeError, match="num_layers"):
+    llama_forward({**flat, "layers": flat["layers"][:1]}, ids, config)
 
 
 @pytest.mark.parametrize("name", ["jlora.models.llama", "jlora.models.llama_io", "jlora.generate"])
