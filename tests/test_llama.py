@@ -381,13 +381,15 @@ def test_remat_gradients_equal():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
 
 
-def test_unstacked_layout_matches_transformers_and_the_stacked_lora_gradients(hf_dirs, fwd):
+def test_unstacked_layout_matches_transformers_and_the_stacked_lora_gradients(hf_dirs, fwd, tmp_path):
   model, folder = hf_dirs["llama-bias"]
   config, params = load_llama(folder)
   flat = unstack_layers(params)
   assert isinstance(flat["layers"], list) and len(flat["layers"]) == config.num_layers
   assert flat["layers"][1]["self_attn"]["q_proj"]["kernel"].shape == (32, 32)
   jax.tree.map(np.testing.assert_array_equal, stack_layers(flat), params)  # exact inverse
+  save_llama(tmp_path / "flat", flat, config)  # the saver takes the per-layer layout too
+  jax.tree.map(np.testing.assert_array_equal, load_llama(tmp_path / "flat")[1], params)
   ids = _ids((2, 9), seed=3)
   mask = np.ones_like(ids)
   mask[1, :2] = 0

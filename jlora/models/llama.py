@@ -270,7 +270,8 @@ def unstack_layers(params: dict) -> dict:
   depth, and no weight is copied. On CPU a 30-layer training step is faster unstacked (see
   ``experiments/results/bench_peft.txt``). LoRA rules then match per-layer paths such as
   ``layers/3/self_attn/q_proj/kernel`` (``layers/*/self_attn/q_proj/kernel`` for every
-  layer) and need no ``stack_axes``. :func:`stack_layers` undoes it, before saving.
+  layer) and need no ``stack_axes``. :func:`stack_layers` undoes it (the savers in
+  :mod:`jlora.models.llama_io` take either layout).
 
   Example:
     >>> import jax, jax.numpy as jnp

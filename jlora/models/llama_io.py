@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._errors import ConfigError, ModelError
-from jlora.models.llama import LlamaConfig, _inv_freq, _param_shapes
+from jlora.models.llama import LlamaConfig, _inv_freq, _param_shapes, stack_layers
 
 __all__ = [
     "load_llama",
@@ -581,7 +581,8 @@ def _describe_config(config: LlamaConfig) -> str:
 
 
 def _check_params(params: dict, config: LlamaConfig) -> dict:
-  """Numpy copies of params after checking every leaf against config."""
+  """Numpy copies of params (stacked or per-layer layout) after checking every leaf against config."""
+  params = stack_layers(params)
   arrays: dict = {}
   for path, shape in _leaf_paths(config):
     try:
