@@ -381,6 +381,32 @@ def test_remat_gradients_equal():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
 
 
+def test_rope_tables_built_on_the_host_agree_with_the_computed_ones():
+  # default positions and mask-derived positions use host-built constant tables; explicit
+  # positions compute cos/sin in the program: all three must give the same logits
+  cfg = LlamaConfig(VOCAB, 32, 48, 2, 4, 2, rope_theta=500.0, rope_type="llama3",
+                    rope_factor=8.0, rope_original_max_positions=4, sliding_window=5)
+  params = init_llama(cfg, jax.random.key(3))
+  ids = jnp.asarray(_ids((2, 12), seed=4))
+  run = jax.jit(llama_forward, static_argnames="config")
+  default = np.asarray(run(params, ids, config=cfg))
+  explicit = np.asarray(run(params, ids, config=cfg, positions=jnp.tile(jnp.arange(12), (2, 1))))
+  np.testing.assert_allclose(default, explicit, atol=1e-5, rtol=1e-5)
+  mask = np.ones((2, 12), np.int32)
+  mask[1, :5] = 0
+  masked = np.asarray(run(params, ids, config=cfg, attention_mask=mask))
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  masked_explicit = np.asarray(run(params, ids, config=cfg, attention_mask=mask, positions=pos))
+  np.testing.assert_allclose(masked, masked_explicit, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(masked[0], default[0], atol=1e-5, rtol=1e-5)
+  # the point of the host tables: the compiled training step holds no cos/sin of its own
+  def hlo(**kw):
+    loss = lambda p: llama_forward(p, ids, cfg, **kw).mean()
+    return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  assert " cosine(" not in hlo() and " sine(" not in hlo(attention_mask=mask)
+  assert " cosine(" in hlo(positions=jnp.asarray(pos))  # the check can see them
+
+
 def test_unstacked_layout_matches_transformers_and_the_stacked_lora_gradients(hf_dirs, fwd, tmp_path):
   model, folder = hf_dirs["llama-bias"]
   config, params = load_llama(folder)
