@@ -514,7 +514,7 @@ def _rope_tables(positions: jax.Array | None, config: LlamaConfig, length: int,
   ``bound``: when not ``None``, every position is known to lie in ``[0, bound)``; the tables
   are then computed on the host at trace time and looked up. Computing cos/sin in the
   program instead lets XLA fuse the transcendentals into every layer's q/k fusions (forward
-  and backward) and recompute them there (with the mask, ~6% of a 30-layer CPU LoRA step).
+  and backward) and recompute them there (see experiments/bench_llama_ablation.py).
   """
   if positions is None:
     bound = length
