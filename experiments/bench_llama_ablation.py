@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -287,9 +286,6 @@ def _einsum_attention(q, k, v, allowed, config):
 
 
 def _write(results: dict, out: str) -> None:
-  out_path = Path(out)
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  out_path.with_suffix(".json").write_text(json.dumps(results, indent=1))
   m = results["machine"]
   lines = [
       "Variants of jlora's LoRA training step (bench_peft.py's jax LoRA step: SmolLM2-135M shape, "
@@ -307,9 +303,7 @@ def _write(results: dict, out: str) -> None:
                  f"{r['speed_vs_current']:.3f}x   first loss {r['first_loss']:.6g}   steps "
                  + ", ".join(f"{t:.2f}" for t in r["step_s"]))
   lines.append(f"  (matmul only: XLA counts {results['matmul_only_xla_gflop']:.1f} GFLOP in that program)")
-  text = "\n".join(lines) + "\n"
-  out_path.with_suffix(".txt").write_text(text)
-  print(text)
+  bp._save(out, results, lines)
 
 
 if __name__ == "__main__":

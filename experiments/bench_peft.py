@@ -365,10 +365,17 @@ def _status_mb(field: str) -> float:
   return float("nan")
 
 
-def _write(results: dict, out: str) -> None:
+def _save(out: str, results: dict, lines: list[str]) -> None:
+  """Writes ``results`` to ``<out>.json`` and ``lines`` to ``<out>.txt``, and prints them."""
   out_path = Path(out)
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.with_suffix(".json").write_text(json.dumps(results, indent=1))
+  text = "\n".join(lines) + "\n"
+  out_path.with_suffix(".txt").write_text(text)
+  print(text)
+
+
+def _write(results: dict, out: str) -> None:
   lines = [
       "jlora vs Hugging Face PEFT: one training step, SmolLM2-135M shape "
       f"({results['shape']['layers']} layers), batch {BATCH} x {SEQ}, float32, AdamW",
@@ -421,9 +428,7 @@ def _write(results: dict, out: str) -> None:
     if _ok(ch, "torch-lora", "torch-full"):
       m = ch["torch-lora"]["peak_rss_mb"] / ch["torch-full"]["peak_rss_mb"]
       lines.append(f"  torch LoRA / full: peak RSS {m:.2f}x (reference)")
-  text = "\n".join(lines) + "\n"
-  out_path.with_suffix(".txt").write_text(text)
-  print(text)
+  _save(out, results, lines)
 
 
 if __name__ == "__main__":
