@@ -141,8 +141,12 @@ def _tokens():
   return np.random.default_rng(0).integers(0, SHAPE["vocab"], (BATCH, SEQ)).astype(np.int32)
 
 
-def _jax_setup(mode: str, layers: int, layout: str, donate: str = "none", *, report=None):
-  """Builds params, optimizer and the compiled step; returns ``step(tokens) -> loss``."""
+def _jax_setup(mode: str, layers: int, layout: str, donate: str = "none", *, report=None,
+               keep=None):
+  """Builds params, optimizer and the compiled step; returns ``step(tokens) -> loss``.
+
+  ``keep``, a dict, receives the compiled step under ``"compiled"``.
+  """
   import jax
   import jax.numpy as jnp
   import optax
@@ -191,6 +195,8 @@ def _jax_setup(mode: str, layers: int, layout: str, donate: str = "none", *, rep
   t1, p1 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   t2, p2 = time.perf_counter(), time.process_time()
+  if keep is not None:
+    keep["compiled"] = compiled
   if report is not None:
     report["trace_lower_s"] = t1 - t0
     report["compile_s"] = t2 - t1
