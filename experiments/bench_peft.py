@@ -27,8 +27,8 @@ Usage::
 The jax side runs the model with per-layer weight arrays
 (``jlora.models.llama.unstack_layers``) and donates no buffers by default: on XLA:CPU
 both the stacked layout under ``lax.scan`` (a copy of each layer's weights out of the
-stack every step) and donating the trained params (a copy of every donated weight) cost
-time; ``--layout stacked --donate all`` measures that configuration.
+stack every step) and donating the trained state (``bench_donate.py``) cost time;
+``--layout stacked --donate all`` measures that configuration.
 
 On a machine with a CUDA GPU the torch side runs there (and jax does too when
 it has a GPU backend); the device is named in the results.
@@ -65,8 +65,8 @@ def main() -> None:
                        "stacked (L, ...) arrays under lax.scan")
   ap.add_argument("--donate", default="none", choices=("none", "opt", "all"),
                   help="jax buffers donated to the step: none, the optimizer state, or params "
-                       "and optimizer state (on XLA:CPU donation adds a copy of every donated "
-                       "weight per step and measured slower)")
+                       "and optimizer state (on XLA:CPU donation measured slower: "
+                       "bench_donate.py)")
   ap.add_argument("--no-children", action="store_true", help="skip compile-time / memory runs")
   ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_peft"))
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -298,7 +298,7 @@ def test_full_fine_tuning_sharded_equals_single_device():
 @pytest.mark.slow
 def test_donation_and_frozen_base_untouched(tree):
   mesh = sharding.make_mesh((4, 2))
-  step = make_train_step(loss_fn, optax.adamw(LR), mesh=mesh, specs="fsdp",
+  step = make_train_step(loss_fn, optax.adamw(LR), mesh=mesh, specs="fsdp", donate=True,
                          compiler_options=FAST)
   state, frozen = step.init(tree)
   old = jax.tree.leaves(state)
@@ -309,6 +309,25 @@ def test_donation_and_frozen_base_untouched(tree):
   _, frozen_tree = jlora.split(tree)
   assert max_diff(frozen, frozen_tree) == 0.0
   assert int(new.step) == 1
+
+
+def test_default_donation_is_off_on_cpu_and_explicit_donation_deletes_the_old_state():
+  w = {"w": jnp.arange(4.0)}
+  lossf = lambda p, b: jnp.sum((p["w"] * b["x"]) ** 2)  # noqa: E731
+  batch = {"x": np.ones((8, 4), np.float32)}
+  for mesh in (None, sharding.make_mesh((8,))):
+    default = make_train_step(lossf, optax.sgd(0.1), mesh=mesh)
+    assert default.donate is False  # every device here is a CPU
+    state, frozen = default.init(w)
+    old = jax.tree.leaves(state)
+    new, _ = default(state, frozen, batch)
+    assert not any(x.is_deleted() for x in old)
+    donated = make_train_step(lossf, optax.sgd(0.1), mesh=mesh, donate=True)
+    state2, frozen2 = donated.init(w)
+    old2 = jax.tree.leaves(state2)
+    new2, _ = donated(state2, frozen2, batch)
+    assert all(x.is_deleted() for x in old2)
+    assert max_diff(new.trainable, new2.trainable) == 0.0
 
 
 # --- errors --------------------------------------------------------------------------------------
