@@ -220,7 +220,12 @@ class TrainStep:
     if self.mesh is None:
       trainable = jax.tree.map(_copy, trainable)  # the step donates it; keep the caller's arrays
       opt_state = jax.jit(self.tx.init)(trainable)
-      state = TrainState(jnp.zeros((), jnp.int32), trainable, opt_state)
+      # commit the whole state to the device the step's outputs will live on: the step's
+      # cache key includes whether each argument is committed, and an uncommitted first
+      # state would make the second call compile the step again
+      arrays = [x for x in jax.tree.leaves(trainable) if isinstance(x, jax.Array)]
+      device = next(iter(arrays[0].devices())) if arrays else jax.devices()[0]
+      state = jax.device_put(TrainState(np.zeros((), np.int32), trainable, opt_state), device)
       self._build()
       return state, frozen
     mesh = self.mesh

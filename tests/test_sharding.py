@@ -330,6 +330,22 @@ def test_default_donation_is_off_on_cpu_and_explicit_donation_deletes_the_old_st
     assert max_diff(new.trainable, new2.trainable) == 0.0
 
 
+@pytest.mark.parametrize("mesh_shape", [None, (8,)])
+@pytest.mark.parametrize("donate", [False, True])
+def test_the_step_compiles_once_over_several_calls(mesh_shape, donate):
+  # the state init returns must match the state the step returns (committed to the same
+  # device / sharding), or the second call compiles the step again
+  tree = jlora.wrap({"w": jnp.ones((4, 3))}, {"w": jlora.LoRA(2)}, key=jax.random.key(0))
+  lossf = lambda p, b: jnp.sum((b["x"] @ p["w"]) ** 2)  # noqa: E731
+  mesh = None if mesh_shape is None else sharding.make_mesh(mesh_shape)
+  step = make_train_step(lossf, optax.adamw(0.1), mesh=mesh, donate=donate)
+  state, frozen = step.init(tree)
+  for i in range(3):
+    state, _ = step(state, frozen, {"x": np.full((8, 4), i, np.float32)})
+  (jitted,) = step._jitted.values()
+  assert jitted._cache_size() == 1
+
+
 # --- errors --------------------------------------------------------------------------------------
 
 
