@@ -7,9 +7,13 @@ with donated params measured slower (``bench_peft.py --donate all``); this scrip
 fine-tuning and for LoRA, on the SmolLM2-135M shape (fewer layers by default, to compile
 quickly), batch 4 x 128, float32, AdamW, one device.
 
-The four steps are compiled first, then run in turn (donated, not donated, per mode) for
-several rounds, so machine drift hits all alike; the speed ratio is the median over rounds
-of (donated step time / undonated step time) within the round.
+Beside them runs ``bench_peft.py``'s own jax step for the same mode (a plain ``jax.jit``
+of loss, gradient and AdamW update, not donated): it tells what ``make_train_step`` itself
+costs (its metrics, the gradient norm, the step counter) against a bare step.
+
+The six steps are compiled first, then run in turn for several rounds, so machine drift
+hits all alike; each speed ratio is the median over rounds of the ratio of the two step
+times within the round.
 
 Usage::
 
@@ -64,7 +68,7 @@ def main() -> None:
            "lora": jlora.wrap(params, {"layers/*/self_attn/{q,v}_proj/kernel": jlora.LoRA(bp.RANK)},
                               key=jax.random.key(1))}
   batch = {"ids": bp._tokens()}
-  runs, states, losses = {}, {}, {}
+  runs, losses = {}, {}
   for mode, tree in trees.items():
     for donate in (True, False):
       name = f"{mode} {'donated' if donate else 'not donated'}"
@@ -74,18 +78,20 @@ def main() -> None:
       state, metrics = step(state, frozen, batch)  # compiles
       jax.block_until_ready(state)
       print(f"{name}: first step (with compile) {time.perf_counter() - t0:.1f} s", flush=True)
-      runs[name] = (step, frozen)
-      states[name] = state
+      runs[name] = _runner(step, frozen, state, batch)
       losses[name] = [float(metrics["loss"])]
+    name = f"{mode} bench_peft step"
+    bare = bp._jax_setup(mode, args.layers, "unstacked", "none")
+    runs[name] = lambda bare=bare: bare(batch["ids"])
+    losses[name] = [runs[name]()]
 
   times = {name: [] for name in runs}
   for r in range(args.rounds + 1):  # round 0 warms up
-    for name, (step, frozen) in runs.items():
+    for name, run in runs.items():
       t0 = time.perf_counter()
-      states[name], metrics = step(states[name], frozen, batch)
-      jax.block_until_ready(states[name])
+      loss = run()
       dt = time.perf_counter() - t0
-      losses[name].append(float(metrics["loss"]))
+      losses[name].append(loss)
       if r:
         times[name].append(dt)
     print(f"round {r}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items() if t), flush=True)
@@ -95,8 +101,22 @@ def main() -> None:
              "times_s": times, "losses": losses, "ratios": {}}
   for mode in trees:
     d, n = np.array(times[f"{mode} donated"]), np.array(times[f"{mode} not donated"])
+    b = np.array(times[f"{mode} bench_peft step"])
     results["ratios"][mode] = float(np.median(n / d))  # speed donated / speed not donated
+    results["ratios"][f"{mode} make_train_step vs bare"] = float(np.median(b / n))
   _write(results, args.out)
+
+
+def _runner(step, frozen, state, batch):
+  """``run() -> loss``: one step of ``step`` on its own state, waited for."""
+  import jax
+  box = {"state": state}
+
+  def run():
+    box["state"], metrics = step(box["state"], frozen, batch)
+    jax.block_until_ready(box["state"])
+    return float(metrics["loss"])
+  return run
 
 
 def _write(results: dict, out: str) -> None:
@@ -109,15 +129,21 @@ def _write(results: dict, out: str) -> None:
       f"machine: {m['cpu_model']}, {m['cpus_used']} of {m['cpus_online']} CPUs, threads "
       f"{results['threads']}",
       "versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
-      f"{results['rounds']} rounds after 1 warm-up, the four steps in turn in each round",
+      f"{results['rounds']} rounds after 1 warm-up, the six steps in turn in each round",
       "",
   ]
   for name, ts in results["times_s"].items():
-    same = results["losses"][name] == results["losses"][name.split()[0] + " not donated"]
-    lines.append(f"  {name:18s} median {np.median(ts):.3f} s/step   " + ", ".join(f"{t:.2f}" for t in ts)
-                 + f"   losses {'identical to not donated' if same else results['losses'][name]}")
-  for mode, ratio in results["ratios"].items():
-    lines.append(f"  {mode}: speed donated / not donated = {ratio:.3f}x (median over rounds)")
+    ref = results["losses"][name.split()[0] + " not donated"]
+    mine = results["losses"][name]
+    agree = np.max(np.abs(np.array(mine) - np.array(ref)))
+    lines.append(f"  {name:22s} median {np.median(ts):.3f} s/step   " + ", ".join(f"{t:.2f}" for t in ts)
+                 + f"   losses vs not donated: max difference {agree:.2g}")
+  for key, ratio in results["ratios"].items():
+    if key.endswith("vs bare"):
+      lines.append(f"  {key.split()[0]}: speed make_train_step (not donated) / bench_peft step = "
+                   f"{ratio:.3f}x (median over rounds)")
+    else:
+      lines.append(f"  {key}: speed donated / not donated = {ratio:.3f}x (median over rounds)")
   bp._save(out, results, lines)
 
 

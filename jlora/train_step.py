@@ -102,7 +102,7 @@ def make_train_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradient
       deleted; keep the returned one). ``None`` (default): donate unless every
       device the step runs on is a CPU. Donation saves a copy of the state's
       memory on accelerators; on XLA:CPU it measured slower at the SmolLM2
-      shape (``experiments/bench_donate.py``: 0.84x full fine-tuning, 0.88x
+      shape (``experiments/bench_donate.py``: 0.86x full fine-tuning, 0.89x
       LoRA, 30 layers), so there the state is not donated by default.
     lift: lift ``loss_fn`` with :func:`jlora.lora` (see above).
     compiler_options: XLA options for the step's compilation (``jax.jit``'s
