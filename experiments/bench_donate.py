@@ -1,9 +1,9 @@
 """Donating the training state to ``jlora.train_step.make_train_step``'s step: speed with and without.
 
 Donation lets XLA write the new params and optimizer state into the old ones' buffers,
-which saves a copy of the state's memory on accelerators. On XLA:CPU the jitted step
-with donated params measured slower (``bench_peft.py --donate all``); this script measures
-``make_train_step(..., donate=True)`` against ``donate=False`` directly, for full
+which saves a copy of the state's memory on accelerators. This script measures what it
+costs on the machine at hand: ``make_train_step(..., donate=True)`` against
+``donate=False``, interleaved in one process, for full
 fine-tuning and for LoRA, on the SmolLM2-135M shape (fewer layers by default, to compile
 quickly), batch 4 x 128, float32, AdamW, one device.
 
@@ -42,27 +42,17 @@ def main() -> None:
   args = ap.parse_args()
   bp._limit_cpus(args.threads)
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  import optax
 
   import jlora
-  from jlora.models.llama import LlamaConfig, init_llama, llama_forward, unstack_layers
+  from jlora.models.llama import init_llama, llama_forward, unstack_layers
   from jlora.train_step import make_train_step
 
-  s = bp.SHAPE
-  cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["inter"],
-                    num_layers=args.layers, num_heads=s["heads"], num_kv_heads=s["kv_heads"],
-                    rms_norm_eps=s["eps"], rope_theta=s["theta"], tie_word_embeddings=True)
+  cfg = bp._jax_config(args.layers)
   params = unstack_layers(init_llama(cfg, jax.random.key(0)))
 
   def loss_fn(p, batch):
-    ids = batch["ids"]
-    logits = llama_forward(p, ids, cfg)
-    labels = jnp.roll(ids, -1, axis=1)
-    weight = (jnp.arange(ids.shape[1]) < ids.shape[1] - 1).astype(jnp.float32)
-    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return (per_token * weight).sum() / (weight.sum() * ids.shape[0])
+    return bp.next_token_loss(llama_forward(p, batch["ids"], cfg), batch["ids"])
 
   trees = {"full": params,
            "lora": jlora.wrap(params, {"layers/*/self_attn/{q,v}_proj/kernel": jlora.LoRA(bp.RANK)},
@@ -72,7 +62,7 @@ def main() -> None:
   for mode, tree in trees.items():
     for donate in (True, False):
       name = f"{mode} {'donated' if donate else 'not donated'}"
-      step = make_train_step(loss_fn, optax.adamw(bp.LR, weight_decay=bp.WD), donate=donate)
+      step = make_train_step(loss_fn, bp._adamw(), donate=donate)
       state, frozen = step.init(tree)
       t0 = time.perf_counter()
       state, metrics = step(state, frozen, batch)  # compiles

@@ -84,11 +84,7 @@ def _build_all(layers: int) -> dict:
   import jlora
   from jlora.models import llama
 
-  cfg = llama.LlamaConfig(
-      vocab_size=bp.SHAPE["vocab"], hidden_size=bp.SHAPE["hidden"],
-      intermediate_size=bp.SHAPE["inter"], num_layers=layers, num_heads=bp.SHAPE["heads"],
-      num_kv_heads=bp.SHAPE["kv_heads"], rms_norm_eps=bp.SHAPE["eps"],
-      rope_theta=bp.SHAPE["theta"], tie_word_embeddings=True)
+  cfg = bp._jax_config(layers)
   params = llama.unstack_layers(llama.init_llama(cfg, jax.random.key(0)))
   tree = jlora.wrap(params, {"layers/*/self_attn/{q,v}_proj/kernel": jlora.LoRA(bp.RANK, alpha=bp.RANK)},
                     key=jax.random.key(1))
@@ -144,19 +140,7 @@ def _patched(llama, patches):
 
 
 def _loss(logits, tokens, plain_loss):
-  import jax.numpy as jnp
-  import optax
-  if plain_loss:
-    return logits.mean()
-  labels = jnp.roll(tokens, -1, axis=1)
-  weight = (jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1).astype(jnp.float32)
-  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return (per_token * weight).sum() / (weight.sum() * tokens.shape[0])
-
-
-def _adamw():
-  import optax
-  return optax.adamw(bp.LR, b1=bp.BETAS[0], b2=bp.BETAS[1], eps=bp.EPS, weight_decay=bp.WD)
+  return logits.mean() if plain_loss else bp.next_token_loss(logits, tokens)
 
 
 def _compiled(step, trainable, opt_state, *rest):
@@ -176,7 +160,7 @@ def _lora_step(llama, cfg, tree, tokens, *, plain_loss):
 
   import jlora
   trainable, frozen = jlora.split(tree)
-  tx = jlora.optimizer(_adamw())
+  tx = jlora.optimizer(bp._adamw())
   forward = jlora.lora(llama.llama_forward)
 
   def step(trainable, opt_state, frozen, tokens):
@@ -209,7 +193,7 @@ def _hand_written_step(llama, cfg, params, tokens):
       layer[name] = {"lora_a": jax.random.normal(sub, (cfg.hidden_size, bp.RANK)) / math.sqrt(bp.RANK),
                      "lora_b": jnp.zeros((bp.RANK, out))}
     factors.append(layer)
-  tx = _adamw()
+  tx = bp._adamw()
 
   def with_factors(params, factors):
     out = dict(params)

@@ -141,6 +141,35 @@ def _tokens():
   return np.random.default_rng(0).integers(0, SHAPE["vocab"], (BATCH, SEQ)).astype(np.int32)
 
 
+def _jax_config(layers: int):
+  """The benchmarked model's ``LlamaConfig`` (SHAPE) with ``layers`` layers."""
+  from jlora.models.llama import LlamaConfig
+  return LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"],
+                     intermediate_size=SHAPE["inter"], num_layers=layers, num_heads=SHAPE["heads"],
+                     num_kv_heads=SHAPE["kv_heads"], rms_norm_eps=SHAPE["eps"],
+                     rope_theta=SHAPE["theta"], tie_word_embeddings=True)
+
+
+def _adamw():
+  """The benchmarked optimizer: optax AdamW with the torch side's settings."""
+  import optax
+  return optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
+
+
+def next_token_loss(logits, tokens):
+  """Mean next-token cross-entropy over the T-1 predicting positions of ``(B, T, V)`` logits.
+
+  The targets are shifted instead of the logits sliced (a 100 MB copy at the benchmark's
+  shape), and the last position weighted 0, as transformers' loss does.
+  """
+  import jax.numpy as jnp
+  import optax
+  labels = jnp.roll(tokens, -1, axis=1)
+  weight = (jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1).astype(jnp.float32)
+  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return (per_token * weight).sum() / (weight.sum() * tokens.shape[0])
+
+
 def _jax_setup(mode: str, layers: int, layout: str, donate: str = "none", *, report=None,
                keep=None):
   """Builds params, optimizer and the compiled step; returns ``step(tokens) -> loss``.
@@ -152,12 +181,9 @@ def _jax_setup(mode: str, layers: int, layout: str, donate: str = "none", *, rep
   import optax
 
   import jlora
-  from jlora.models.llama import LlamaConfig, init_llama, llama_forward, unstack_layers
+  from jlora.models.llama import init_llama, llama_forward, unstack_layers
 
-  cfg = LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"],
-                    intermediate_size=SHAPE["inter"], num_layers=layers, num_heads=SHAPE["heads"],
-                    num_kv_heads=SHAPE["kv_heads"], rms_norm_eps=SHAPE["eps"],
-                    rope_theta=SHAPE["theta"], tie_word_embeddings=True)
+  cfg = _jax_config(layers)
   params = init_llama(cfg, jax.random.key(0))
   if layout == "unstacked":
     params = unstack_layers(params)  # per-layer arrays: no weight slice copies under scan
@@ -171,19 +197,13 @@ def _jax_setup(mode: str, layers: int, layout: str, donate: str = "none", *, rep
   del params
   trainable, frozen = jlora.split(tree)
   del tree
-  tx = jlora.optimizer(optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD))
+  tx = jlora.optimizer(_adamw())
   opt_state = tx.init(trainable)
   forward = jlora.lora(llama_forward)
 
   def train_step(trainable, opt_state, frozen, tokens):
     def loss_fn(t):
-      logits = forward(jlora.combine(t, frozen), tokens, cfg)
-      # next-token targets without slicing the (B, T, V) logits (a 100 MB copy): shift the
-      # labels instead and weight the last position 0, as transformers' loss does
-      labels = jnp.roll(tokens, -1, axis=1)
-      weight = (jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1).astype(jnp.float32)
-      per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      return (per_token * weight).sum() / (weight.sum() * tokens.shape[0])
+      return next_token_loss(forward(jlora.combine(t, frozen), tokens, cfg), tokens)
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss

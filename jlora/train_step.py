@@ -7,8 +7,8 @@ places both halves on the mesh with :func:`jlora.sharding.tree_specs`, and
 initialises the optimizer state sharded like the parameters it tracks.
 ``step(state, frozen, batch)`` runs one jit-compiled update with explicit in
 and out shardings, donates the old state's buffers (not on CPU, by default),
-and accumulates gradients over ``accum_steps`` micro-batches. The program is the same on one CPU and on
-a pod; only the mesh differs.
+and accumulates gradients over ``accum_steps`` micro-batches. The program is
+the same on one CPU and on a pod; only the mesh differs.
 
 Example:
   >>> import jax, jax.numpy as jnp, numpy as np, optax, jlora
