@@ -560,17 +560,14 @@ def _attention_allowed(key_mask, q_slots, num_slots, config: LlamaConfig):
   ``q_slots=None`` means the queries sit in slots ``0..T-1`` (no cache): the causal part is
   then a constant built on the host, so no layer recomputes it.
   """
-  if q_slots is None:
+  if q_slots is None:  # numpy throughout: a host constant
     qs, ks = np.arange(key_mask.shape[1])[:, None], np.arange(num_slots)[None, :]
-    causal = ks <= qs
-    if config.sliding_window is not None:
-      causal &= qs - ks < config.sliding_window
-    return jnp.asarray(causal)[None, :, :] & key_mask[:, None, :]
-  k_slots = jnp.arange(num_slots, dtype=jnp.int32)
-  allowed = k_slots[None, :] <= q_slots[:, None]  # (T, S)
+  else:
+    qs, ks = q_slots[:, None], jnp.arange(num_slots, dtype=jnp.int32)[None, :]
+  allowed = ks <= qs  # (T, S)
   if config.sliding_window is not None:
-    allowed &= q_slots[:, None] - k_slots[None, :] < config.sliding_window
-  return allowed[None, :, :] & key_mask[:, None, :]  # (B, T, S)
+    allowed = allowed & (qs - ks < config.sliding_window)
+  return jnp.asarray(allowed)[None, :, :] & key_mask[:, None, :]  # (B, T, S)
 
 
 def _attention(q, k, v, allowed, config: LlamaConfig):
