@@ -9,6 +9,10 @@ Example:
   >>> opt_state = tx.init(trainable)
 """
 
+from jlora import _methods  # noqa: F401 - registers the adapter methods
+from jlora._adapter import Adapter as Adapter
+from jlora._adapter import AdapterSpec as AdapterSpec
+from jlora._adapter import is_adapted as is_adapted
 from jlora._checkpoint import fingerprint as fingerprint
 from jlora._checkpoint import load_adapters as load_adapters
 from jlora._checkpoint import read_adapter_manifest as read_adapter_manifest
@@ -25,6 +29,7 @@ from jlora._errors import ShardingError as ShardingError
 from jlora._errors import SpecError as SpecError
 from jlora._errors import TreeError as TreeError
 from jlora._lora import lora as lora
+from jlora._rewrite import RewriteError as RewriteError
 from jlora._manager import CheckpointManager as CheckpointManager
 from jlora._manager import Restored as Restored
 from jlora._optim import optimizer as optimizer
@@ -38,7 +43,7 @@ from jlora._spec import Full as Full
 from jlora._spec import LoRA as LoRA
 from jlora._summary import Summary as Summary
 from jlora._summary import summary as summary
-from jlora._tree import Axes as Axes
+from jlora._adapter import Axes as Axes
 from jlora._tree import FullWeight as FullWeight
 from jlora._tree import LoraWeight as LoraWeight
 from jlora._tree import adapted_leaves as adapted_leaves
@@ -49,19 +54,21 @@ from jlora._tree import trainable_mask as trainable_mask
 from jlora._tree import unmerge as unmerge
 from jlora._tree import wrap as wrap
 
-from jlora import distributed as distributed  # noqa: E402
-from jlora import sharding as sharding  # noqa: E402
-from jlora.train_step import TrainState as TrainState  # noqa: E402
-from jlora.train_step import make_train_step as make_train_step  # noqa: E402
+from jlora import distributed as distributed
+from jlora import sharding as sharding
+from jlora.train_step import TrainState as TrainState
+from jlora.train_step import TrainStep as TrainStep
+from jlora.train_step import make_train_step as make_train_step
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointManager", "PeftMapping", "Restored", "export_merged", "fingerprint",
-    "load_adapters", "load_peft", "peft_mapping", "read_adapter_manifest", "read_peft_config",
-    "save_adapters", "save_peft", "TrainState", "make_train_step",
-    "Axes", "AxesError", "CheckpointError", "ConfigError", "DataError", "FetchError", "Full",
-    "FullWeight", "JloraError", "LoRA", "LoraWeight", "ModelError", "RuleError", "ShardingError",
-    "SpecError", "Summary", "TreeError", "adapted_leaves", "combine", "lora", "merge",
-    "optimizer", "split", "summary", "trainable_mask", "unmerge", "wrap",
-]
+__all__ = sorted([
+    "Adapter", "AdapterSpec", "Axes", "AxesError", "CheckpointError", "CheckpointManager",
+    "ConfigError", "DataError", "FetchError", "Full", "FullWeight", "JloraError", "LoRA",
+    "LoraWeight", "ModelError", "PeftMapping", "Restored", "RewriteError", "RuleError",
+    "ShardingError", "SpecError", "Summary", "TrainState", "TrainStep", "TreeError",
+    "adapted_leaves", "combine", "export_merged", "fingerprint", "is_adapted", "load_adapters",
+    "load_peft", "lora", "make_train_step", "merge", "optimizer", "peft_mapping",
+    "read_adapter_manifest", "read_peft_config", "save_adapters", "save_peft", "split", "summary",
+    "trainable_mask", "unmerge", "wrap",
+])

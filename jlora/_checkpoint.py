@@ -39,8 +39,9 @@ import numpy as np
 
 from jlora._errors import CheckpointError, JloraError, TreeError
 from jlora._paths import path_str
-from jlora._spec import LoRA
-from jlora._tree import Axes, FullWeight, LoraWeight, infer_axes, is_adapted
+from jlora._adapter import Axes, is_adapted, leaf_class
+from jlora._adapter import spec_from_json as _spec_from_json
+from jlora._adapter import spec_to_json as _spec_to_json
 
 __all__ = ["save_adapters", "load_adapters", "fingerprint", "read_adapter_manifest"]
 
@@ -96,7 +97,7 @@ def save_adapters(path: str | os.PathLike, tree: Any, *, metadata: dict | None =
       "format": FORMAT,
       "format_version": FORMAT_VERSION,
       "jlora_version": jlora_version(),
-      "rules": rule_names(tree),
+      "specs": spec_labels(tree),
       "entries": entries,
       "fingerprint": fingerprint(tree),
       "metadata": _check_json(metadata, "metadata") if metadata is not None else None,
@@ -223,8 +224,8 @@ def read_adapter_manifest(path: str | os.PathLike) -> dict:
     >>> tree = jlora.wrap({"k": jnp.ones((8, 8))}, {"k": jlora.LoRA(2)}, key=jax.random.key(0))
     >>> d = jlora.save_adapters(os.path.join(tempfile.mkdtemp(), "c"), tree, metadata={"lr": 0.1})
     >>> m = jlora.read_adapter_manifest(d)
-    >>> m["metadata"], m["rules"], m["entries"][0]["path"]
-    ({'lr': 0.1}, ['k'], 'k')
+    >>> m["metadata"], m["specs"], m["entries"][0]["path"]
+    ({'lr': 0.1}, ['LoRA(2)'], 'k')
   """
   root = Path(path)
   if not root.is_dir():
@@ -259,12 +260,13 @@ def jlora_version() -> str:
     return "unknown"
 
 
-def rule_names(tree: Any) -> list[str]:
-  """The distinct rule names of a wrapped tree's adapted leaves, in tree order."""
+def spec_labels(tree: Any) -> list[str]:
+  """The distinct spec labels (``LoRA(8)``, ``Full()``) of a wrapped tree's adapted leaves, in tree order."""
   out: list[str] = []
   for _, node in _adapted(tree):
-    if node.rule not in out:
-      out.append(node.rule)
+    label = node.spec.describe()
+    if label not in out:
+      out.append(label)
   return out
 
 
@@ -272,11 +274,12 @@ def collect_adapters(tree: Any, *, require_base: bool) -> tuple[list[dict], dict
   """The manifest entries and the host copies of a wrapped tree's adapter arrays.
 
   Returns ``(entries, arrays)``; ``arrays`` maps each entry's synthetic key
-  (``"e00000"``) to ``{"a": ..., "b": ...}`` or ``{"w": ...}`` numpy arrays.
+  (``"e00000"``) to ``{child name: numpy array}`` for the children the
+  adapter kind saves (``a``/``b`` for LoRA, ``w`` for Full, ...).
   """
   adapted = _adapted(tree)
   if not adapted:
-    raise TreeError("the tree holds no adapters (no LoraWeight / FullWeight leaf); wrap the params "
+    raise TreeError("the tree holds no adapters (no adapted leaf); wrap the params "
                     "first: jlora.wrap(params, rules, key=...)")
   seen: set[str] = set()
   entries, arrays = [], {}
@@ -285,25 +288,20 @@ def collect_adapters(tree: Any, *, require_base: bool) -> tuple[list[dict], dict
       raise TreeError(f"two adapted leaves share the path {p!r}; rename one of the keys")
     seen.add(p)
     key = f"e{i:05d}"
-    if require_base and node.w is None and isinstance(node, LoraWeight):
+    if require_base and "w" in node.frozen and node.w is None:
       raise TreeError(
           f"the tree lacks the base of {p!r} (it looks like the trainable half of jlora.split); "
           "pass the whole tree, jlora.combine(trainable, frozen): its base is fingerprinted")
-    if isinstance(node, LoraWeight):
-      if node.a is None or node.b is None:
-        raise TreeError(f"the adapter at {p!r} lacks its factors (the frozen half of jlora.split?); "
-                        "pass the whole tree, jlora.combine(trainable, frozen)")
-      host = {"a": _host(node.a), "b": _host(node.b)}
-      entry = {"key": key, "path": p, "kind": "lora", "rule": node.rule,
-               "spec": spec_to_json(node.spec), "axes": axes_to_json(node.axes),
-               "base": _shape_dtype(node.w) if node.w is not None else None}
-    else:
-      if node.w is None:
-        raise TreeError(f"the Full leaf at {p!r} has no array (the frozen half of jlora.split?); "
-                        "pass the whole tree, jlora.combine(trainable, frozen)")
-      host = {"w": _host(node.w)}
-      entry = {"key": key, "path": p, "kind": "full", "rule": node.rule,
-               "base": _shape_dtype(node.w)}
+    names = node.saved_children()
+    missing = [n for n in names if getattr(node, n) is None]
+    if missing:
+      raise TreeError(f"the adapter at {p!r} lacks {missing} (the frozen half of jlora.split?); "
+                      "pass the whole tree, jlora.combine(trainable, frozen)")
+    host = {n: _host(getattr(node, n)) for n in names}
+    entry = {"key": key, "path": p, "kind": node.kind, "spec": _spec_to_json(node.spec),
+             "axes": None if node.axes is None else axes_to_json(node.axes),
+             "base": {"shape": list(node.shape),
+                      "dtype": None if node.w is None else _dtype_name(node.w.dtype)}}
     entry["arrays"] = {n: {**_shape_dtype(v), "sha256": _sha256(v)} for n, v in host.items()}
     entries.append(entry)
     arrays[key] = host
@@ -348,16 +346,14 @@ def validate_entry(e: Any, where: str) -> None:
   """Checks one manifest entry (key, path, kind, spec, axes, arrays)."""
   if not isinstance(e, dict):
     raise CheckpointError(f"{where} is not an object; the checkpoint is corrupt")
-  for field, typ in (("key", str), ("path", str), ("kind", str), ("rule", str), ("arrays", dict)):
+  for field, typ in (("key", str), ("path", str), ("kind", str), ("arrays", dict)):
     if not isinstance(e.get(field), typ):
       raise CheckpointError(f"{where} lacks a valid {field!r}; the checkpoint is corrupt")
   if not e["key"].isalnum():
     raise CheckpointError(f"{where}: array key {e['key']!r} is not alphanumeric; the checkpoint "
                           "is corrupt or was tampered with")
-  names = {"lora": {"a", "b"}, "full": {"w"}}.get(e["kind"])
-  if names is None:
-    raise CheckpointError(f"{where}: unknown kind {e['kind']!r} (expected 'lora' or 'full'); the "
-                          "checkpoint is from a newer jlora or corrupt")
+  cls = leaf_class(e["kind"])
+  names = set(cls.saved_children())
   if set(e["arrays"]) != names:
     raise CheckpointError(f"{where}: arrays {sorted(e['arrays'])}, expected {sorted(names)}")
   for n, info in e["arrays"].items():
@@ -365,9 +361,9 @@ def validate_entry(e: Any, where: str) -> None:
             and isinstance(info.get("sha256"), str)):
       raise CheckpointError(f"{where}: array {n!r} lacks shape/dtype/sha256; the checkpoint is corrupt")
     _parse_dtype(info["dtype"], where)
-  if e["kind"] == "lora":
-    spec_from_json(e.get("spec"), where)
-    axes_from_json(e.get("axes"), where)
+  _spec_from_json(cls.spec_type, e.get("spec", {}), where)
+  if e.get("axes") is not None:
+    axes_from_json(e["axes"], where)
 
 
 def plan_restore(entries: list[dict], params: Any, *, where: str) -> dict:
@@ -403,28 +399,16 @@ def plan_restore(entries: list[dict], params: Any, *, where: str) -> dict:
     base = leaf.w if is_adapted(leaf) else leaf
     if base is None or not hasattr(base, "shape"):
       raise CheckpointError(f"{where}: params leaf {p!r} is not an array; pass the whole base params")
-    if e["kind"] == "lora":
-      spec = spec_from_json(e["spec"], f"{where}: entry {p!r}")
-      axes = axes_from_json(e["axes"], f"{where}: entry {p!r}")
-      shape = tuple(base.shape)
-      _check_lora_layout(p, shape, spec, axes, e["arrays"], where)
-      if wrapped:
-        if (not isinstance(leaf, LoraWeight) or leaf.spec != spec or leaf.axes != axes
-            or leaf.rule != e["rule"]):
-          got = (f"{type(leaf).__name__}(spec={getattr(leaf, 'spec', None)}, rule={leaf.rule!r})")
-          raise CheckpointError(
-              f"{where} was saved with other rules than the wrapped tree passed in: at {p!r} the "
-              f"checkpoint has LoRA spec {spec} from rule {e['rule']!r}, the tree {got}. Pass the "
-              "plain base params instead, or wrap with the rules used at save time")
-    else:
-      want = tuple(e["arrays"]["w"]["shape"])
-      if tuple(base.shape) != want:
-        raise CheckpointError(f"{where}: Full leaf {p!r} has shape {want} in the checkpoint but "
-                              f"{tuple(base.shape)} in the params; the checkpoint is for another model")
-      if wrapped and (not isinstance(leaf, FullWeight) or leaf.rule != e["rule"]):
-        raise CheckpointError(
-            f"{where} was saved with other rules than the wrapped tree passed in: {p!r} is a Full "
-            f"leaf from rule {e['rule']!r} in the checkpoint but {type(leaf).__name__} in the tree")
+    cls = leaf_class(e["kind"])
+    spec = _spec_from_json(cls.spec_type, e.get("spec", {}), f"{where}: entry {p!r}")
+    axes = None if e.get("axes") is None else axes_from_json(e["axes"], f"{where}: entry {p!r}")
+    _check_layout(p, base, cls, spec, axes, e["arrays"], where)
+    if wrapped and (type(leaf) is not cls or leaf.spec != spec or leaf.axes != axes):
+      got = f"{type(leaf).__name__}({getattr(leaf, 'spec', None)})"
+      raise CheckpointError(
+          f"{where} was saved with other rules than the wrapped tree passed in: at {p!r} the "
+          f"checkpoint has {cls.__name__}({spec}), the tree {got}. Pass the plain base params "
+          "instead, or wrap with the rules used at save time")
   return plan
 
 
@@ -437,17 +421,15 @@ def apply_restore(plan: dict, arrays: dict[str, dict[str, np.ndarray]],
     i = plan["index"][e["path"]]
     leaf = leaves[i]
     got = arrays[e["key"]]
-    if e["kind"] == "lora":
-      spec = spec_from_json(e["spec"], e["path"])
-      axes = axes_from_json(e["axes"], e["path"])
-      like = leaf if isinstance(leaf, LoraWeight) else None
-      a = put(got["a"], None if like is None else like.a)
-      b = put(got["b"], None if like is None else like.b)
-      w = leaf.w if is_adapted(leaf) else leaf
-      leaves[i] = LoraWeight(w, a, b, spec=spec, axes=axes, rule=e["rule"])
+    cls = leaf_class(e["kind"])
+    spec = _spec_from_json(cls.spec_type, e.get("spec", {}), e["path"])
+    axes = None if e.get("axes") is None else axes_from_json(e["axes"], e["path"])
+    if is_adapted(leaf):
+      new = {n: put(v, getattr(leaf, n)) for n, v in got.items()}
+      leaves[i] = leaf.replace(**new)
     else:
-      like = leaf.w if isinstance(leaf, FullWeight) else leaf
-      leaves[i] = FullWeight(put(got["w"], like), rule=e["rule"])
+      new = {n: put(v, leaf if n == "w" else None) for n, v in got.items()}
+      leaves[i] = cls.restore(e["path"], leaf, spec, axes, new)
   return jax.tree_util.tree_unflatten(plan["treedef"], leaves)
 
 
@@ -647,29 +629,6 @@ def safe_child(root: Path, name: str, *, what: str) -> Path:
   return child
 
 
-def spec_to_json(spec: LoRA) -> dict:
-  """The fields of a :class:`jlora.LoRA` spec as JSON."""
-  return {"rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout, "init": spec.init,
-          "rslora": spec.rslora, "dtype": spec.dtype, "stack_axes": spec.stack_axes,
-          "in_axes": None if spec.in_axes is None else list(spec.in_axes),
-          "out_axes": None if spec.out_axes is None else list(spec.out_axes)}
-
-
-def spec_from_json(d: Any, where: str) -> LoRA:
-  """Rebuilds a :class:`jlora.LoRA` from :func:`spec_to_json`'s dict."""
-  fields = ("rank", "alpha", "dropout", "init", "rslora", "dtype", "stack_axes", "in_axes", "out_axes")
-  if not isinstance(d, dict) or "rank" not in d or set(d) - set(fields):
-    raise CheckpointError(f"{where}: the LoRA spec {d!r} is malformed (expected fields {fields})")
-  kw = dict(d)
-  for k in ("in_axes", "out_axes"):
-    if kw.get(k) is not None:
-      kw[k] = tuple(kw[k])
-  try:
-    return LoRA(**kw)
-  except (JloraError, TypeError, ValueError) as e:
-    raise CheckpointError(f"{where}: the stored LoRA spec is invalid: {e}") from None
-
-
 def axes_to_json(axes: Axes) -> dict:
   """An :class:`jlora.Axes` as JSON."""
   return {"stack": list(axes.stack), "inputs": list(axes.inputs), "outputs": list(axes.outputs)}
@@ -681,13 +640,6 @@ def axes_from_json(d: Any, where: str) -> Axes:
     return Axes(*(tuple(int(i) for i in d[k]) for k in ("stack", "inputs", "outputs")))
   except (KeyError, TypeError, ValueError):
     raise CheckpointError(f"{where}: the kernel axes {d!r} are malformed") from None
-
-
-def lora_shapes(shape: tuple[int, ...], axes: Axes, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """The shapes of ``a`` and ``b`` for a kernel of ``shape`` with ``axes`` and ``rank``."""
-  stack = tuple(shape[i] for i in axes.stack)
-  return (stack + tuple(shape[i] for i in axes.inputs) + (rank,),
-          stack + (rank,) + tuple(shape[i] for i in axes.outputs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,10 +657,8 @@ def _base_leaves(tree: Any) -> list[tuple[str, Any, bool]]:
   out = []
   for kp, x in flat:
     p = path_str(kp)
-    if isinstance(x, LoraWeight):
-      out.append((p, x.w, False))
-    elif isinstance(x, FullWeight):
-      out.append((p, x.w, True))
+    if is_adapted(x):
+      out.append((p, x.w, "w" in x.trainable))
     elif hasattr(x, "shape") and hasattr(x, "dtype"):
       out.append((p, x, False))
   return out
@@ -731,21 +681,27 @@ def _sample_digest(path: str, x: Any, samples: int) -> str:
   return hashlib.sha256(_dtype_name(vals.dtype).encode() + vals.tobytes()).hexdigest()[:32]
 
 
-def _check_lora_layout(p: str, shape: tuple[int, ...], spec: LoRA, axes: Axes, arrays: dict,
-                       where: str) -> None:
+def _check_layout(p: str, base, cls, spec, axes, arrays: dict, where: str) -> None:
+  """The saved children must have the shapes ``spec`` gives on this base leaf (and its axes)."""
+  like = jax.ShapeDtypeStruct(tuple(base.shape), base.dtype)
   try:
-    inferred = infer_axes(p, shape, spec)
+    template = jax.eval_shape(lambda w: spec.adapt(p, w, jax.random.key(0)), like)
   except JloraError as e:
     raise CheckpointError(f"{where}: the saved spec at {p!r} does not fit the params leaf of shape "
-                          f"{shape}: {e}; the checkpoint is for another model") from None
-  if inferred != axes:
-    raise CheckpointError(f"{where}: the saved axes {axes} at {p!r} do not fit a kernel of shape {shape}")
-  want_a, want_b = lora_shapes(shape, axes, spec.rank)
-  got_a, got_b = tuple(arrays["a"]["shape"]), tuple(arrays["b"]["shape"])
-  if (got_a, got_b) != (want_a, want_b):
+                          f"{tuple(base.shape)}: {e}; the checkpoint is for another model") from None
+  if type(template) is not cls:
+    raise CheckpointError(f"{where}: the saved {cls.__name__} spec at {p!r} does not adapt a params "
+                          f"leaf of shape {tuple(base.shape)}; the checkpoint is for another model")
+  if template.axes != axes:
+    raise CheckpointError(f"{where}: the saved axes {axes} at {p!r} do not fit a kernel of shape "
+                          f"{tuple(base.shape)}")
+  want = {n: tuple(getattr(template, n).shape) for n in arrays}
+  got = {n: tuple(info["shape"]) for n, info in arrays.items()}
+  if want != got:
+    fmt = lambda d: " ".join(f"{n}{list(s)}" for n, s in sorted(d.items()))  # noqa: E731
     raise CheckpointError(
-        f"{where}: the adapter at {p!r} has a{list(got_a)} b{list(got_b)} but the params leaf of "
-        f"shape {shape} needs a{list(want_a)} b{list(want_b)}; the checkpoint is for another model")
+        f"{where}: the adapter at {p!r} has {fmt(got)} but the params leaf of shape "
+        f"{tuple(base.shape)} needs {fmt(want)}; the checkpoint is for another model")
 
 
 def _host(x: Any) -> np.ndarray:

@@ -43,12 +43,12 @@ from jlora._checkpoint import (
     fingerprint,
     jlora_version,
     plan_restore,
-    rule_names,
+    spec_labels,
     validate_entry,
     verify_arrays,
 )
 from jlora._errors import CheckpointError
-from jlora._tree import FullWeight, LoraWeight, is_adapted
+from jlora._adapter import is_adapted
 
 __all__ = ["CheckpointManager", "Restored"]
 
@@ -240,7 +240,7 @@ class CheckpointManager:
       arrays["rng"] = {"data": rng_data}
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "jlora_version": jlora_version(),
-        "step": step, "rules": rule_names(tree), "entries": entries,
+        "step": step, "specs": spec_labels(tree), "entries": entries,
         "fingerprint": self._fingerprint(tree),
         "opt_state": [{"shape": list(x.shape), "dtype": _dtype_name(x.dtype), "sha256": _sha256(x)}
                       for x in opt_leaves],
@@ -472,8 +472,8 @@ class CheckpointManager:
     return out
 
   def _fingerprint(self, tree: Any) -> dict:
-    bases = [x.w if isinstance(x, LoraWeight) else x
-             for x in jax.tree.leaves(tree, is_leaf=is_adapted) if not isinstance(x, FullWeight)]
+    bases = [x.w if is_adapted(x) else x for x in jax.tree.leaves(tree, is_leaf=is_adapted)
+             if not (is_adapted(x) and "w" in x.trainable)]
     ident = tuple(id(x) for x in bases)
     if self._fp_cache is None or self._fp_cache[0] != ident:
       self._fp_cache = (ident, fingerprint(tree), bases)  # keep the bases alive: ids stay unique

@@ -68,6 +68,48 @@ _UNSUPPORTED = {
 
 
 @dataclasses.dataclass(frozen=True)
+class PeftCodec:
+  """How one PEFT ``peft_type`` maps to jlora adapters (the format's half of a method).
+
+  Attributes:
+    peft_type: PEFT's name (``"LORA"``, ``"IA3"``, ...).
+    kinds: the jlora leaf kinds it writes (``Full`` leaves are written by every
+      codec as ``modules_to_save``).
+    validate: ``validate(config, where)`` checks an ``adapter_config.json``
+      (CheckpointError naming the field).
+    load: ``load(config, tensors, params, mapping, where)`` returns the wrapped tree.
+    save: ``save(tree, mapping)`` returns ``(config, tensors)``.
+  """
+
+  peft_type: str
+  kinds: tuple[str, ...]
+  validate: Any
+  load: Any
+  save: Any
+
+
+PEFT_CODECS: dict[str, PeftCodec] = {}
+
+
+def register_codec(codec: PeftCodec) -> PeftCodec:
+  """Registers a :class:`PeftCodec` (one per ``peft_type``)."""
+  PEFT_CODECS[codec.peft_type] = codec
+  return codec
+
+
+def _codec_for_tree(tree: Any) -> PeftCodec:
+  kinds = {x.kind for _, x in _adapted(tree) if x.kind != "full"}
+  if not kinds:
+    raise SpecError("PEFT's formats need at least one adapted module (target_modules); the tree "
+                    "only trains leaves in full")
+  for codec in PEFT_CODECS.values():
+    if kinds <= set(codec.kinds):
+      return codec
+  raise SpecError(f"the tree mixes adapter kinds {sorted(kinds)} that no single PEFT format holds "
+                  "(PEFT stores one peft_type per adapter); save each kind as its own adapter")
+
+
+@dataclasses.dataclass(frozen=True)
 class PeftMapping:
   """Which torch module each jlora module is: the naming and layout contract with PEFT.
 
@@ -263,7 +305,7 @@ def save_peft(directory: str | os.PathLike, tree: Any, *, mapping: str | Mapping
     raise CheckpointError(f"{folder} already exists; pass overwrite=True to replace the PEFT adapter "
                           "(atomically) or choose a new folder")
   m = _resolve_mapping(mapping, tree)
-  config, tensors = _export(tree, m)
+  config, tensors = _codec_for_tree(tree).save(tree, m)
   config.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type)
   text = json.dumps(config, indent=2, sort_keys=True) + "\n"
 
@@ -316,7 +358,7 @@ def load_peft(directory: str | os.PathLike, params: Any, *,
   config = read_peft_config(folder)
   tensors = _read_tensors(folder)
   m = _resolve_mapping(mapping, params, torch_names=list(tensors))
-  return _import(folder, config, tensors, params, m)
+  return PEFT_CODECS[config["peft_type"]].load(config, tensors, params, m, str(folder / WEIGHTS_NAME))
 
 
 def read_peft_config(directory: str | os.PathLike) -> dict:
@@ -351,44 +393,14 @@ def read_peft_config(directory: str | os.PathLike) -> dict:
     raise CheckpointError(f"{f} is unreadable or not valid JSON: {e}") from None
   if not isinstance(config, dict):
     raise CheckpointError(f"{f} must hold a JSON object, got {type(config).__name__}")
-  missing = [k for k in _REQUIRED if k not in config]
-  if missing:
-    raise CheckpointError(f"{f} lacks the required field(s) {missing}; a PEFT LoRA config needs "
-                          f"{list(_REQUIRED)}: re-save the adapter with PEFT, or add them")
-  if config["peft_type"] != "LORA":
-    raise CheckpointError(f"{f}: peft_type {config['peft_type']!r} is not supported; jlora reads "
-                          "LoRA adapters (peft_type 'LORA') only")
-  r = config["r"]
-  if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-    raise CheckpointError(f"{f}: r must be a positive int, got {r!r}")
-  if isinstance(config["lora_alpha"], bool) or not isinstance(config["lora_alpha"], (int, float)) \
-      or not config["lora_alpha"] > 0:
-    raise CheckpointError(f"{f}: lora_alpha must be a positive number, got {config['lora_alpha']!r}")
-  tm = config["target_modules"]
-  if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
-    raise CheckpointError(f"{f}: target_modules must be a list of names or a regex string, got {tm!r}")
-  for field in ("rank_pattern", "alpha_pattern"):
-    v = config.get(field) or {}
-    if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                          and x > 0 for x in v.values()):
-      raise CheckpointError(f"{f}: {field} must map patterns to positive numbers, got {v!r}")
-  for field, ok in _UNSUPPORTED.items():
-    if field in config and config[field] not in ok:
-      raise CheckpointError(f"{f}: {field}={config[field]!r} is not supported by jlora (it reads "
-                            f"plain LoRA: {field} must be {ok[0]!r})")
-  init = config.get("init_lora_weights", True)
-  if init not in (True, False, "gaussian"):
-    raise CheckpointError(
-        f"{f}: init_lora_weights={init!r} is not supported: it rewrites the base weights at init "
-        "(PiSSA, OLoRA, LoftQ, ...) or needs data; convert the adapter to plain LoRA with PEFT first")
-  dropout = config.get("lora_dropout", 0.0)
-  if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-    raise CheckpointError(f"{f}: lora_dropout must be in [0, 1), got {dropout!r}")
-  # layers_to_transform, layers_pattern and exclude_modules only select modules: the tensors in
-  # the file say which modules are adapted.
-  mts = config.get("modules_to_save")
-  if mts is not None and not (isinstance(mts, list) and all(isinstance(x, str) for x in mts)):
-    raise CheckpointError(f"{f}: modules_to_save must be a list of module names or null, got {mts!r}")
+  if "peft_type" not in config:
+    raise CheckpointError(f"{f} lacks the required field(s) ['peft_type']; re-save the adapter with "
+                          "PEFT, or add it")
+  peft_type = config["peft_type"]
+  if peft_type not in PEFT_CODECS:
+    raise CheckpointError(f"{f}: peft_type {peft_type!r} is not supported; jlora reads "
+                          f"{sorted(PEFT_CODECS)}")
+  PEFT_CODECS[peft_type].validate(config, str(f))
   return config
 
 
@@ -521,10 +533,13 @@ def _export(tree: Any, m: PeftMapping) -> tuple[dict, dict[str, np.ndarray]]:
           f"the mapping has no torch name for jlora module {module!r} (of adapted leaf {path!r}); "
           f"add it: PeftMapping({{{module!r}: 'torch.module.name', ...}})")
     stacked = m.stacked(module)
-    if isinstance(node, FullWeight):
+    if node.kind == "full":
       if module not in full_modules:
         full_modules.append(module)
       continue
+    if node.kind != "lora":
+      raise SpecError(f"{path!r} is a {type(node).__name__}; PEFT's LoRA format holds LoRA adapters "
+                      "and modules_to_save only")
     pname, linear = m.leaves.get(leaf, (None, None))
     if pname != "weight":
       raise SpecError(f"LoRA on {path!r}: PEFT has LoRA layers for Linear weights ('kernel' leaves) "
@@ -564,7 +579,7 @@ def _export(tree: Any, m: PeftMapping) -> tuple[dict, dict[str, np.ndarray]]:
     stacked = m.stacked(module)
     for leaf, x in leaves_by_module[module]:
       value = x.w if is_adapted(x) else x
-      if isinstance(x, LoraWeight) or value is None or not hasattr(value, "shape"):
+      if (is_adapted(x) and x.kind != "full") or value is None or not hasattr(value, "shape"):
         raise TreeError(f"module {module!r} is in modules_to_save but its leaf {leaf!r} is "
                         f"{type(x).__name__ if value is not None else 'missing'}; pass the whole tree")
       if leaf not in m.leaves:
@@ -718,9 +733,8 @@ def _pattern_value(patterns: dict, name: str, default):
   return default
 
 
-def _import(folder: Path, config: dict, tensors: dict[str, np.ndarray], params: Any,
+def _import(where: str, config: dict, tensors: dict[str, np.ndarray], params: Any,
             m: PeftMapping) -> Any:
-  where = str(folder / WEIGHTS_NAME)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapted)
   paths = [path_str(kp) for kp, _ in flat]
   leaves = [x for _, x in flat]
@@ -825,8 +839,7 @@ def _import(folder: Path, config: dict, tensors: dict[str, np.ndarray], params: 
       tgt = (layer,) if stacked else ()
       a[tgt] = A.T.reshape(in_shape + (rank,))
       b[tgt] = B.T.reshape((rank,) + out_shape)
-    rule = f"peft:{m.modules[module].rsplit('.', 1)[-1]}"
-    out[index[path]] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), spec=spec, axes=axes, rule=rule)
+    out[index[path]] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), spec=spec, axes=axes)
   for path, layers in full.items():
     w = leaves[index[path]]
     if path in lora:
@@ -845,8 +858,7 @@ def _import(folder: Path, config: dict, tensors: dict[str, np.ndarray], params: 
         value[layer] = arr.astype(base.dtype)
       else:
         value = arr.astype(base.dtype)
-    name = m.modules[module].rsplit(".", 1)[-1]
-    out[index[path]] = FullWeight(jnp.asarray(value), rule=f"peft:modules_to_save:{name}")
+    out[index[path]] = FullWeight(jnp.asarray(value))
   _check_base_layers(tensors, m, leaves, index, where)
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -875,3 +887,52 @@ def _check_base_layers(tensors: dict, m: PeftMapping, leaves: list, index: dict,
       raise CheckpointError(
           f"{where}: {key} (PEFT's saved copy of the base weight) differs from the params' "
           f"{module}/{leaf}: the adapter was trained on another base or with a resized vocabulary")
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA codec.
+
+
+def _validate_lora(config: dict, f: str) -> None:
+  missing = [k for k in _REQUIRED if k not in config]
+  if missing:
+    raise CheckpointError(f"{f} lacks the required field(s) {missing}; a PEFT LoRA config needs "
+                          f"{list(_REQUIRED)}: re-save the adapter with PEFT, or add them")
+  r = config["r"]
+  if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    raise CheckpointError(f"{f}: r must be a positive int, got {r!r}")
+  if isinstance(config["lora_alpha"], bool) or not isinstance(config["lora_alpha"], (int, float)) \
+      or not config["lora_alpha"] > 0:
+    raise CheckpointError(f"{f}: lora_alpha must be a positive number, got {config['lora_alpha']!r}")
+  tm = config["target_modules"]
+  if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+    raise CheckpointError(f"{f}: target_modules must be a list of names or a regex string, got {tm!r}")
+  for field in ("rank_pattern", "alpha_pattern"):
+    v = config.get(field) or {}
+    if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                          and x > 0 for x in v.values()):
+      raise CheckpointError(f"{f}: {field} must map patterns to positive numbers, got {v!r}")
+  for field, ok in _UNSUPPORTED.items():
+    if field in config and config[field] not in ok:
+      raise CheckpointError(f"{f}: {field}={config[field]!r} is not supported by jlora (it reads "
+                            f"plain LoRA: {field} must be {ok[0]!r})")
+  init = config.get("init_lora_weights", True)
+  if init not in (True, False, "gaussian"):
+    raise CheckpointError(
+        f"{f}: init_lora_weights={init!r} is not supported: it rewrites the base weights at init "
+        "(PiSSA, OLoRA, LoftQ, ...) or needs data; convert the adapter to plain LoRA with PEFT first")
+  dropout = config.get("lora_dropout", 0.0)
+  if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    raise CheckpointError(f"{f}: lora_dropout must be in [0, 1), got {dropout!r}")
+  # layers_to_transform, layers_pattern and exclude_modules only select modules: the tensors in
+  # the file say which modules are adapted.
+  mts = config.get("modules_to_save")
+  if mts is not None and not (isinstance(mts, list) and all(isinstance(x, str) for x in mts)):
+    raise CheckpointError(f"{f}: modules_to_save must be a list of module names or null, got {mts!r}")
+
+
+def _load_lora(config, tensors, params, m, where):
+  return _import(where, config, tensors, params, m)
+
+
+register_codec(PeftCodec("LORA", ("lora",), _validate_lora, _load_lora, lambda tree, m: _export(tree, m)))

@@ -1,7 +1,7 @@
 """The jaxpr interpreter behind :func:`jlora.lora`: contractions with adapted bases go low-rank.
 
 ``fn`` is traced once with every adapted base ``W`` as an ordinary input, then
-its jaxpr is evaluated here with each such input replaced by a :class:`_Lazy`
+its jaxpr is evaluated here with each such input replaced by a :class:`jlora._lazy.Lazy`
 value: the (frozen, ``stop_gradient``-ed) base together with its factors.
 Shape-only operations on a lazy value (cast, transpose, reshape, squeeze,
 broadcast, slice, dynamic slice, gather along stacked axes) are applied to the
@@ -13,12 +13,8 @@ bodies; calls (``jit``, ``custom_jvp``, ``custom_vjp``) are inlined. Any other
 use of a lazy value materialises that value (exact), logs it at DEBUG on the
 ``"jlora"`` logger, or raises :class:`RewriteError` in strict mode.
 
-Lazy layout: ``sides[i]`` says which factor carries value axis ``i``: ``"L"``
-(only ``a``), ``"R"`` (only ``b``) or ``"S"`` (both: stacked layers). ``a`` has
-the value's ``L``/``S`` axes in value order and then the rank axis; ``b`` its
-``R``/``S`` axes in value order and then the rank axis. The value is
-``base + scale * sum_r a[..., r] * b[..., r]`` (broadcast over the axes each
-factor lacks).
+The lazy value, ``base`` plus terms, is :class:`jlora._lazy.Lazy`; each adapter kind
+builds its own in ``lazy()`` (see :mod:`jlora._adapter`).
 """
 
 from __future__ import annotations
@@ -36,7 +32,10 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from jlora._errors import JloraError
+from jlora._adapter import is_adapted
+from jlora._errors import JloraError, TreeError
+from jlora._lazy import Lazy, Term
+from jlora._paths import path_str
 
 try:  # name stacks make profiles and HLO readable; optional
   from jax._src import source_info_util as _siu
@@ -54,78 +53,63 @@ class RewriteError(JloraError, ValueError):
 
 # -- the lazy value ---------------------------------------------------------------------------
 
-class _Lazy:
-  """``base + scale * (a (x) b)`` summed over the rank axis; see the module docstring."""
-
-  __slots__ = ("base", "a", "b", "sides", "scale", "dropout", "path")
-
-  def __init__(self, base, a, b, sides: tuple[str, ...], scale: float, dropout: float, path: str):
-    self.base, self.a, self.b = base, a, b
-    self.sides, self.scale, self.dropout, self.path = tuple(sides), scale, dropout, path
-
-  def replace(self, **kw) -> _Lazy:
-    f = {s: getattr(self, s) for s in self.__slots__}
-    f.update(kw)
-    return _Lazy(**f)
-
-  @property
-  def shape(self):
-    return tuple(self.base.shape)
-
-  @property
-  def ndim(self) -> int:
-    return len(self.sides)
-
-  @property
-  def rank(self) -> int:
-    return self.a.shape[-1]
-
-
-jax.tree_util.register_pytree_node(
-    _Lazy,
-    lambda z: ((z.base, z.a, z.b), (z.sides, z.scale, z.dropout, z.path)),
-    lambda aux, ch: _Lazy(*ch, *aux),
-)
 
 
 def _axes_of(sides: Sequence[str], factor: str) -> list[int]:
-  """The value axes a factor carries, in value order (its rank axis comes after them)."""
+  """The value axes a side's tensors carry, in value order (their rank axis comes after them)."""
   skip = "R" if factor == "a" else "L"
   return [i for i, s in enumerate(sides) if s != skip]
 
 
 def _is_lazy(x) -> bool:
-  return isinstance(x, _Lazy)
+  return isinstance(x, Lazy)
 
 
 def _acc(*dtypes) -> Any:
   return jnp.float64 if any(jnp.dtype(d) == jnp.float64 for d in dtypes) else jnp.float32
 
 
-def _compute_dtype(lz: _Lazy, x=None) -> Any:
+def _compute_dtype(t: Term, x=None) -> Any:
   """The low-rank path's dtype: the widest of the input's and the factors' (PEFT casts the
   input to the adapter's dtype; on a float32 input a bfloat16 adapter would lose precision)."""
-  dt = jnp.promote_types(lz.a.dtype, lz.b.dtype)
+  dt = jnp.promote_types(t.a.dtype, t.b.dtype)
   if x is not None and jnp.issubdtype(x.dtype, jnp.floating):
     dt = jnp.promote_types(dt, x.dtype)
   return dt
 
 
-def _delta(lz: _Lazy) -> jax.Array:
-  """``scale * a (x) b`` in the value's layout (float32/64): the full-size update."""
+def _side_full(x, sides, f: str):
+  """A rank-1 side tensor (``u`` / ``v``) broadcastable against the value."""
+  have = _axes_of(sides, f)
+  x = x[..., 0]
+  return x.reshape(tuple(x.shape[have.index(i)] if i in have else 1 for i in range(len(sides))))
+
+
+def _delta(lz: Lazy) -> jax.Array:
+  """``sum_k scale_k * a_k (x) b_k`` in the value's layout (float32/64): the full-size update."""
   letters = string.ascii_letters[:lz.ndim]
   r = string.ascii_letters[lz.ndim]
   la = "".join(letters[i] for i in _axes_of(lz.sides, "a")) + r
   lb = "".join(letters[i] for i in _axes_of(lz.sides, "b")) + r
-  acc = _acc(lz.a.dtype, lz.b.dtype)
-  d = jnp.einsum(f"{la},{lb}->{letters}", lz.a.astype(acc), lz.b.astype(acc),
-                 precision=lax.Precision.HIGHEST)
-  return _scaled(d, lz.scale)
+  total = None
+  for t in lz.terms:
+    acc = _acc(t.a.dtype, t.b.dtype)
+    d = _scaled(jnp.einsum(f"{la},{lb}->{letters}", t.a.astype(acc), t.b.astype(acc),
+                           precision=lax.Precision.HIGHEST), t.scale)
+    total = d if total is None else total + d
+  return total
 
 
-def _materialise(lz: _Lazy) -> jax.Array:
-  acc = _acc(lz.base.dtype, lz.a.dtype, lz.b.dtype)
-  return (lz.base.astype(acc) + _delta(lz)).astype(lz.base.dtype)
+def _materialise(lz: Lazy) -> jax.Array:
+  acc = _acc(lz.base.dtype, *[x.dtype for x in lz.lefts() + lz.rights()])
+  out = lz.base.astype(acc)
+  if lz.u is not None:
+    out = out * _side_full(lz.u, lz.sides, "a").astype(acc)
+  if lz.terms:
+    out = out + _delta(lz).astype(acc)
+  if lz.v is not None:
+    out = out * _side_full(lz.v, lz.sides, "b").astype(acc)
+  return out.astype(lz.base.dtype)
 
 
 # -- context ----------------------------------------------------------------------------------
@@ -144,7 +128,7 @@ class _Ctx:
   def child(self, key) -> _Ctx:
     return _Ctx(key, self.strict, self.unroll)
 
-  def give_up(self, lz: _Lazy, what: str) -> jax.Array:
+  def give_up(self, lz: Lazy, what: str) -> jax.Array:
     """Materialises ``lz`` for a use the rewrite does not cover (or raises when strict)."""
     msg = (f"jlora.lora: {what} uses the adapted weight {lz.path!r} (shape {lz.shape}) in a way "
            "that cannot stay low-rank, so W + s*A@B is formed for that use")
@@ -164,26 +148,22 @@ def lift(fn: Callable[..., Any], *, strict: bool, unroll: bool = False) -> Calla
   ``unroll=True`` also fully unrolls every ``lax.scan`` (used to count FLOPs:
   XLA's cost analysis counts a loop body once).
   """
-  from jlora._tree import FullWeight, LoraWeight, is_adapted  # noqa: PLC0415
-  from jlora._paths import path_str  # noqa: PLC0415
-  from jlora._errors import TreeError  # noqa: PLC0415
-
   def lifted(*args, lora_key=None, **kwargs):
     flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_adapted)
     dyn_pos, dyn_vals, lazies = [], [], {}
     static = [None] * len(flat)
     for i, (kp, leaf) in enumerate(flat):
-      if isinstance(leaf, LoraWeight):
-        if leaf.w is None or leaf.a is None or leaf.b is None:
-          raise TreeError(
-              f"jlora.lora: the adapter at {_user_path(kp, path_str)!r} is missing its base or "
-              "factors; pass the whole tree (jlora.combine(trainable, frozen)), not one half")
-        lazies[len(dyn_vals)] = _lazy_from_leaf(leaf, _user_path(kp, path_str))
-        dyn_pos.append(i)
-        dyn_vals.append(leaf.w)
-      elif isinstance(leaf, FullWeight):
-        dyn_pos.append(i)
-        dyn_vals.append(leaf.w)
+      if is_adapted(leaf):
+        where = _user_path(kp, path_str)
+        leaf.require(f"jlora.lora: the adapter at {where!r}")
+        lz = leaf.lazy(where)
+        if lz is not None:
+          lazies[len(dyn_vals)] = lz
+          dyn_pos.append(i)
+          dyn_vals.append(leaf.w)
+        else:
+          dyn_pos.append(i)
+          dyn_vals.append(leaf.merged())
       elif isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
         dyn_pos.append(i)
         dyn_vals.append(leaf)
@@ -220,29 +200,6 @@ def _user_path(kp, path_str) -> str:
   else:
     name = f"keyword {where[1].key!r}"
   return f"{p} ({name})" if p else name
-
-
-def _lazy_from_leaf(leaf, path: str) -> _Lazy:
-  axes = leaf.axes
-  ndim = len(leaf.w.shape)
-  sides = ["S"] * ndim
-  for i in axes.inputs:
-    sides[i] = "L"
-  for i in axes.outputs:
-    sides[i] = "R"
-  ns = len(axes.stack)
-  # a: stack + inputs (spec order) + r  ->  stack + sorted(inputs) + r
-  a = leaf.a
-  perm = list(range(ns)) + [ns + axes.inputs.index(i) for i in sorted(axes.inputs)] + [a.ndim - 1]
-  if perm != list(range(a.ndim)):
-    a = jnp.transpose(a, perm)
-  # b: stack + r + outputs (spec order)  ->  stack + sorted(outputs) + r
-  b = leaf.b
-  perm = list(range(ns)) + [ns + 1 + axes.outputs.index(i) for i in sorted(axes.outputs)] + [ns]
-  if perm != list(range(b.ndim)):
-    b = jnp.transpose(b, perm)
-  return _Lazy(lax.stop_gradient(leaf.w), a, b, tuple(sides), float(leaf.scale),
-               float(leaf.spec.dropout), path)
 
 
 # -- the evaluator ----------------------------------------------------------------------------
@@ -314,7 +271,7 @@ def _apply_rule(eqn, invals, ctx: _Ctx):
   return _bind(eqn, invals)
 
 
-def _bind_base(eqn, lz: _Lazy, rest) -> jax.Array:
+def _bind_base(eqn, lz: Lazy, rest) -> jax.Array:
   return _bind(eqn, [lz.base, *rest])
 
 
@@ -331,31 +288,29 @@ def _t_identity(eqn, lz, rest):
 
 
 def _t_stop_gradient(eqn, lz, rest):
-  return lz.replace(base=_bind_base(eqn, lz, rest), a=lax.stop_gradient(lz.a),
-                    b=lax.stop_gradient(lz.b))
+  return lz.map_sides(lax.stop_gradient, lax.stop_gradient, base=_bind_base(eqn, lz, rest))
 
 
 def _t_transpose(eqn, lz, rest):
   perm = tuple(eqn.params["permutation"])
   sides = tuple(lz.sides[p] for p in perm)
-  out = {}
-  for f in ("a", "b"):
+
+  def per(f):
     old = _axes_of(lz.sides, f)
     fperm = [old.index(p) for p in perm if p in old] + [len(old)]
-    x = getattr(lz, f)
-    out[f] = x if fperm == list(range(len(fperm))) else lax.transpose(x, fperm)
-  return lz.replace(base=_bind_base(eqn, lz, rest), sides=sides, **out)
+    return lambda x: x if fperm == list(range(len(fperm))) else lax.transpose(x, fperm)
+  return lz.map_sides(per("a"), per("b"), base=_bind_base(eqn, lz, rest), sides=sides)
 
 
 def _t_squeeze(eqn, lz, rest):
   dims = {d % lz.ndim for d in eqn.params["dimensions"]}
   sides = tuple(s for i, s in enumerate(lz.sides) if i not in dims)
-  out = {}
-  for f in ("a", "b"):
+
+  def per(f):
     old = _axes_of(lz.sides, f)
     fd = [old.index(d) for d in sorted(dims) if d in old]
-    out[f] = lax.squeeze(getattr(lz, f), fd) if fd else getattr(lz, f)
-  return lz.replace(base=_bind_base(eqn, lz, rest), sides=sides, **out)
+    return lambda x: lax.squeeze(x, fd) if fd else x
+  return lz.map_sides(per("a"), per("b"), base=_bind_base(eqn, lz, rest), sides=sides)
 
 
 def _reshape_groups(old: Sequence[int], new: Sequence[int]):
@@ -395,7 +350,7 @@ def _t_reshape(eqn, lz, rest):
   groups = _reshape_groups(lz.shape, new)
   if groups is None:
     return None
-  sides = ["L"] * len(new)  # new unit axes live in a only
+  sides = ["L"] * len(new)  # new unit axes live on the left side only
   for go, gn in groups:
     kinds = {lz.sides[i] for i in go}
     if len(kinds) != 1:
@@ -403,12 +358,11 @@ def _t_reshape(eqn, lz, rest):
     (side,) = kinds
     for j in gn:
       sides[j] = side
-  out = {}
-  for f in ("a", "b"):
-    x = getattr(lz, f)
-    shape = tuple(new[j] for j in _axes_of(sides, f)) + (lz.rank,)
-    out[f] = x if tuple(x.shape) == shape else x.reshape(shape)
-  return lz.replace(base=_bind_base(eqn, lz, rest), sides=tuple(sides), **out)
+
+  def per(f):
+    fshape = tuple(new[j] for j in _axes_of(sides, f))
+    return lambda x: x if tuple(x.shape) == fshape + (x.shape[-1],) else x.reshape(fshape + (x.shape[-1],))
+  return lz.map_sides(per("a"), per("b"), base=_bind_base(eqn, lz, rest), sides=tuple(sides))
 
 
 def _t_broadcast(eqn, lz, rest):
@@ -416,50 +370,50 @@ def _t_broadcast(eqn, lz, rest):
     return None  # dynamic shapes
   shape = tuple(eqn.params["shape"])
   bd = tuple(eqn.params["broadcast_dimensions"])
-  sides = ["L"] * len(shape)  # new axes live in a only
+  sides = ["L"] * len(shape)  # new axes live on the left side only
   for k, j in enumerate(bd):
     sides[j] = lz.sides[k]
-  out = {}
-  for f in ("a", "b"):
+
+  def per(f):
     old = _axes_of(lz.sides, f)
     new = _axes_of(sides, f)
-    fshape = tuple(shape[j] for j in new) + (lz.rank,)
+    fshape = tuple(shape[j] for j in new)
     fbd = tuple(new.index(bd[k]) for k in old) + (len(new),)
-    out[f] = lax.broadcast_in_dim(getattr(lz, f), fshape, fbd)
-  return lz.replace(base=_bind_base(eqn, lz, rest), sides=tuple(sides), **out)
+    return lambda x: lax.broadcast_in_dim(x, fshape + (x.shape[-1],), fbd)
+  return lz.map_sides(per("a"), per("b"), base=_bind_base(eqn, lz, rest), sides=tuple(sides))
 
 
 def _t_slice(eqn, lz, rest):
   p = eqn.params
   strides = p.get("strides")
-  out = {}
-  for f in ("a", "b"):
+
+  def per(f):
     ax = _axes_of(lz.sides, f)
-    x = getattr(lz, f)
-    out[f] = lax.slice(x, [p["start_indices"][i] for i in ax] + [0],
-                       [p["limit_indices"][i] for i in ax] + [lz.rank],
-                       None if strides is None else [strides[i] for i in ax] + [1])
-  return lz.replace(base=_bind_base(eqn, lz, rest), **out)
+    return lambda x: lax.slice(x, [p["start_indices"][i] for i in ax] + [0],
+                               [p["limit_indices"][i] for i in ax] + [x.shape[-1]],
+                               None if strides is None else [strides[i] for i in ax] + [1])
+  return lz.map_sides(per("a"), per("b"), base=_bind_base(eqn, lz, rest))
 
 
 def _t_dynamic_slice(eqn, lz, rest):
   sizes = eqn.params["slice_sizes"]
   if len(rest) != lz.ndim:
     return None
-  out = {}
-  for f in ("a", "b"):
+  zero = jnp.zeros((), jnp.asarray(rest[0]).dtype) if rest else 0
+
+  def per(f):
     ax = _axes_of(lz.sides, f)
-    zero = jnp.zeros((), jnp.asarray(rest[0]).dtype) if rest else 0
-    x = getattr(lz, f)
-    out[f] = lax.dynamic_slice(x, [rest[i] for i in ax] + [zero], [sizes[i] for i in ax] + [lz.rank])
-  return lz.replace(base=_bind_base(eqn, lz, rest), **out)
+    return lambda x: lax.dynamic_slice(x, [rest[i] for i in ax] + [zero],
+                                       [sizes[i] for i in ax] + [x.shape[-1]])
+  return lz.map_sides(per("a"), per("b"), base=_bind_base(eqn, lz, rest))
 
 
 def _arith(eqn, invals, ctx):
   """``W * c``, ``c * W``, ``W / c`` (``c`` a scalar), ``-W``, ``W + C``, ``W - C`` (``C`` frozen).
 
-  The result is still a frozen part plus a low-rank part: a scalar factor
-  scales ``a``, and an added frozen array joins the frozen part.
+  The result is still a frozen part plus terms: a scalar factor scales every
+  term's ``a`` (and the base), and an added frozen array joins the base when
+  no scaling ``u`` / ``v`` is in the way.
   """
   name = eqn.primitive.name
   lazy = [i for i, x in enumerate(invals) if _is_lazy(x)]
@@ -468,20 +422,25 @@ def _arith(eqn, invals, ctx):
   i = lazy[0]
   lz = invals[i]
   others = [x for j, x in enumerate(invals) if j != i]
-  base = _bind(eqn, [x.base if _is_lazy(x) else x for x in invals])
+
+  def scale_terms(factor):
+    return tuple(t._replace(a=(t.a * jnp.asarray(factor).astype(t.a.dtype)).astype(t.a.dtype))
+                 for t in lz.terms)
   if name == "neg":
-    return lz.replace(base=base, a=-lz.a)
+    return lz.replace(base=_bind(eqn, [lz.base]), terms=tuple(t._replace(a=-t.a) for t in lz.terms))
   (c,) = others
   if name in ("add", "sub"):
-    if jnp.shape(c) != lz.shape and jnp.ndim(c) != 0:
+    if (jnp.shape(c) != lz.shape and jnp.ndim(c) != 0) or lz.u is not None or lz.v is not None:
       return None
-    a = -lz.a if (name == "sub" and i == 1) else lz.a
-    return lz.replace(base=base, a=a)
+    base = _bind(eqn, [x.base if _is_lazy(x) else x for x in invals])
+    if name == "sub" and i == 1:
+      return lz.replace(base=base, terms=tuple(t._replace(a=-t.a) for t in lz.terms))
+    return lz.replace(base=base)
   if jnp.ndim(c) != 0 or (name == "div" and i == 1):
     return None  # only scaling by a scalar keeps the update low-rank
+  base = _bind(eqn, [x.base if _is_lazy(x) else x for x in invals])
   c = jnp.asarray(c)
-  factor = c if name == "mul" else 1 / c
-  return lz.replace(base=base, a=(lz.a * factor.astype(lz.a.dtype)).astype(lz.a.dtype))
+  return lz.replace(base=base, terms=scale_terms(c if name == "mul" else 1 / c))
 
 
 _TRANSFORMS: dict[str, Callable] = {
@@ -501,32 +460,32 @@ _TRANSFORMS: dict[str, Callable] = {
 
 # -- consumers: the low-rank contraction ------------------------------------------------------
 
-def _dropout(x, lz: _Lazy, ctx: _Ctx):
-  if ctx.key is None or lz.dropout <= 0.0:
+def _dropout(x, t: Term, ctx: _Ctx):
+  if ctx.key is None or t.dropout <= 0.0:
     return x
-  keep = jax.random.bernoulli(ctx.next_key(), 1.0 - lz.dropout, x.shape)
-  return jnp.where(keep, x / jnp.asarray(1.0 - lz.dropout, x.dtype), jnp.zeros((), x.dtype))
+  keep = jax.random.bernoulli(ctx.next_key(), 1.0 - t.dropout, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - t.dropout, x.dtype), jnp.zeros((), x.dtype))
 
 
-def _lowrank(x, xl: str, lz: _Lazy, vl: str, outl: str, ctx: _Ctx, precision) -> jax.Array:
-  """``scale * einsum(x, W_delta)`` as two small contractions through the rank axis."""
+def _lowrank(x, xl: str, lz: Lazy, t: Term, vl: str, outl: str, ctx: _Ctx, precision) -> jax.Array:
+  """``scale * einsum(x, a (x) b)`` as two small contractions through the rank axis."""
   used = set(xl) | set(vl) | set(outl)
   r = next(c for c in string.ascii_letters if c not in used)
   la = "".join(vl[i] for i in _axes_of(lz.sides, "a")) + r
   lb = "".join(vl[i] for i in _axes_of(lz.sides, "b")) + r
   contracted = (set(xl) & set(vl)) - set(outl)
   first_a = len(contracted & set(la)) >= len(contracted & set(lb))
-  (f1, l1), (f2, l2) = ((lz.a, la), (lz.b, lb)) if first_a else ((lz.b, lb), (lz.a, la))
-  cd = _compute_dtype(lz, x)
+  (f1, l1), (f2, l2) = ((t.a, la), (t.b, lb)) if first_a else ((t.b, lb), (t.a, la))
+  cd = _compute_dtype(t, x)
   acc = _acc(cd)
-  x = _dropout(x, lz, ctx).astype(cd)
+  x = _dropout(x, t, ctx).astype(cd)
   need = set(l2) | set(outl)
   keep = "".join(dict.fromkeys(c for c in xl + l1 if c in need))
-  t = jnp.einsum(f"{xl},{l1}->{keep}", x, f1.astype(cd), precision=precision,
+  h = jnp.einsum(f"{xl},{l1}->{keep}", x, f1.astype(cd), precision=precision,
                  preferred_element_type=acc).astype(cd)
-  d = jnp.einsum(f"{keep},{l2}->{outl}", t, f2.astype(cd), precision=precision,
+  d = jnp.einsum(f"{keep},{l2}->{outl}", h, f2.astype(cd), precision=precision,
                  preferred_element_type=acc)
-  return _scaled(d, lz.scale)
+  return _scaled(d, t.scale)
 
 
 def _scaled(d, scale: float):
@@ -538,6 +497,18 @@ def _add(base_out, delta):
   return (base_out.astype(acc) + delta.astype(acc)).astype(base_out.dtype)
 
 
+def _scale_by(y, yl: str, vec, vec_letters: str):
+  """``y * vec`` with ``vec``'s axes (named ``vec_letters``) broadcast into ``y``'s (``yl``)."""
+  vec = vec[..., 0]
+  order = sorted(range(len(vec_letters)), key=lambda k: yl.index(vec_letters[k]))
+  if order != list(range(len(order))):
+    vec = jnp.transpose(vec, order)
+  present = [yl.index(vec_letters[k]) for k in order]
+  vec = vec.reshape(tuple(vec.shape[present.index(i)] if i in present else 1 for i in range(len(yl))))
+  acc = _acc(y.dtype, vec.dtype)
+  return (y.astype(acc) * vec.astype(acc)).astype(y.dtype)
+
+
 def _c_dot_general(eqn, invals, ctx):
   lhs, rhs = invals
   if _is_lazy(lhs) and _is_lazy(rhs):
@@ -546,7 +517,6 @@ def _c_dot_general(eqn, invals, ctx):
   lz, x = (rhs, lhs) if lz_rhs else (lhs, rhs)
   if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
     return None
-  base_out = _bind(eqn, [lhs, rhs.base] if lz_rhs else [lhs.base, rhs])
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   nl, nr = len(jnp.shape(lhs)), len(jnp.shape(rhs))
   letters = iter(string.ascii_letters)
@@ -557,11 +527,34 @@ def _c_dot_general(eqn, invals, ctx):
   for i, j in zip(lb, rb):
     R[j] = L[i]
   R = [c if c is not None else next(letters) for c in R]
-  out = ([L[i] for i in lb] + [L[i] for i in range(nl) if i not in lc and i not in lb]
-         + [R[j] for j in range(nr) if j not in rc and j not in rb])
+  out = "".join([L[i] for i in lb] + [L[i] for i in range(nl) if i not in lc and i not in lb]
+                + [R[j] for j in range(nr) if j not in rc and j not in rb])
   xl, vl = ("".join(L), "".join(R)) if lz_rhs else ("".join(R), "".join(L))
-  delta = _lowrank(x, xl, lz, vl, "".join(out), ctx, eqn.params.get("precision"))
-  return _add(base_out, delta)
+  # u scales the base alone, v everything: each goes onto x (its axes are contracted or batch
+  # axes) or onto the output (its axes are produced); anything else cannot stay factored.
+  where = {}
+  for name, vec, f in (("u", lz.u, "a"), ("v", lz.v, "b")):
+    if vec is None:
+      continue
+    vls = "".join(vl[i] for i in _axes_of(lz.sides, f))
+    if set(vls) <= set(out):
+      where[name] = ("out", vls)
+    elif set(vls) <= set(xl):
+      where[name] = ("x", vls)
+    else:
+      return None
+  if where.get("v", ("",))[0] == "x":
+    x = _scale_by(x, xl, lz.v, where["v"][1])
+  xb = _scale_by(x, xl, lz.u, where["u"][1]) if where.get("u", ("",))[0] == "x" else x
+  base_out = _bind(eqn, [xb, lz.base] if lz_rhs else [lz.base, xb])
+  if where.get("u", ("",))[0] == "out":
+    base_out = _scale_by(base_out, out, lz.u, where["u"][1])
+  y = base_out
+  for t in lz.terms:
+    y = _add(y, _lowrank(x, xl, lz, t, vl, out, ctx, eqn.params.get("precision")))
+  if where.get("v", ("",))[0] == "out":
+    y = _scale_by(y, out, lz.v, where["v"][1])
+  return y
 
 
 def _c_conv(eqn, invals, ctx):
@@ -569,21 +562,25 @@ def _c_conv(eqn, invals, ctx):
   p = eqn.params
   if _is_lazy(lhs) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
     return None
+  if rhs.u is not None or rhs.v is not None:
+    return None
   dn = p["dimension_numbers"]
   out_dim = dn.rhs_spec[0]
   if any((s != "R") if i == out_dim else (s != "L") for i, s in enumerate(rhs.sides)):
     return None
-  base_out = _bind(eqn, [lhs, rhs.base])
-  cd = _compute_dtype(rhs, lhs)
-  acc = _acc(cd)
-  a_kernel = jnp.moveaxis(rhs.a, -1, out_dim).astype(cd)
-  x = _dropout(lhs, rhs, ctx).astype(cd)
-  t = _bind(eqn, [x, a_kernel], {**p, "preferred_element_type": jnp.dtype(acc)}).astype(cd)
+  y = _bind(eqn, [lhs, rhs.base])
   f = dn.out_spec[1]
-  d = jnp.moveaxis(jnp.tensordot(t, rhs.b.astype(cd), axes=[[f], [1]],
-                                 precision=p.get("precision"),
-                                 preferred_element_type=acc), -1, f)
-  return _add(base_out, _scaled(d, rhs.scale))
+  for term in rhs.terms:
+    cd = _compute_dtype(term, lhs)
+    acc = _acc(cd)
+    a_kernel = jnp.moveaxis(term.a, -1, out_dim).astype(cd)
+    x = _dropout(lhs, term, ctx).astype(cd)
+    t = _bind(eqn, [x, a_kernel], {**p, "preferred_element_type": jnp.dtype(acc)}).astype(cd)
+    d = jnp.moveaxis(jnp.tensordot(t, term.b.astype(cd), axes=[[f], [1]],
+                                   precision=p.get("precision"),
+                                   preferred_element_type=acc), -1, f)
+    y = _add(y, _scaled(d, term.scale))
+  return y
 
 
 def _c_gather(eqn, invals, ctx):
@@ -622,34 +619,37 @@ def _c_gather(eqn, invals, ctx):
     out_ids[j] = ("b", k)
   sides = tuple(op.sides[i[1]] if i[0] == "o" else batch_side for i in out_ids)
 
-  new = {}
-  for f in ("a", "b"):
-    x = getattr(op, f)
+  def per(f):
     ax = _axes_of(op.sides, f)
     pos = {d: k for k, d in enumerate(ax)}
     f_kept = [d for d in ax if d not in collapsed]
-    if plan[f] == "gather":
-      g_dn = lax.GatherDimensionNumbers(
-          offset_dims=tuple(range(nbatch, nbatch + len(f_kept) + 1)),
-          collapsed_slice_dims=tuple(sorted(pos[d] for d in collapsed if d in pos)),
-          start_index_map=tuple(pos[d] for d in dn.start_index_map))
-      x = lax.gather(x, idx, g_dn, tuple(sizes[d] for d in ax) + (op.rank,),
-                     indices_are_sorted=p["indices_are_sorted"],
-                     unique_indices=p["unique_indices"], mode=p["mode"],
-                     fill_value=p.get("fill_value"))
-      cur = [("b", k) for k in range(nbatch)] + [("o", d) for d in f_kept] + ["r"]
-    else:
-      x = lax.slice(x, [0] * x.ndim, [sizes[d] for d in ax] + [op.rank])
-      sq = [pos[d] for d in ax if d in collapsed]
-      if sq:
-        x = lax.squeeze(x, sq)
-      cur = [("o", d) for d in f_kept] + ["r"]
-    want = [out_ids[j] for j in _axes_of(sides, f)] + ["r"]
-    perm = [cur.index(w) for w in want]
-    new[f] = x if perm == list(range(len(perm))) else lax.transpose(x, perm)
-  out = op.replace(base=base_out, sides=sides, **new)
+
+    def go(x):
+      rank = x.shape[-1]
+      if plan[f] == "gather":
+        g_dn = lax.GatherDimensionNumbers(
+            offset_dims=tuple(range(nbatch, nbatch + len(f_kept) + 1)),
+            collapsed_slice_dims=tuple(sorted(pos[d] for d in collapsed if d in pos)),
+            start_index_map=tuple(pos[d] for d in dn.start_index_map))
+        x = lax.gather(x, idx, g_dn, tuple(sizes[d] for d in ax) + (rank,),
+                       indices_are_sorted=p["indices_are_sorted"],
+                       unique_indices=p["unique_indices"], mode=p["mode"],
+                       fill_value=p.get("fill_value"))
+        cur = [("b", k) for k in range(nbatch)] + [("o", d) for d in f_kept] + ["r"]
+      else:
+        x = lax.slice(x, [0] * x.ndim, [sizes[d] for d in ax] + [rank])
+        sq = [pos[d] for d in ax if d in collapsed]
+        if sq:
+          x = lax.squeeze(x, sq)
+        cur = [("o", d) for d in f_kept] + ["r"]
+      want = [out_ids[j] for j in _axes_of(sides, f)] + ["r"]
+      perm = [cur.index(w) for w in want]
+      return x if perm == list(range(len(perm))) else lax.transpose(x, perm)
+    return go
+
+  out = op.map_sides(per("a"), per("b"), base=base_out, sides=sides)
   if nbatch and batch_side != "S":
-    return _add(base_out, _delta(out))  # an embedding lookup: rows of W + rows of A, times B
+    return _materialise(out)  # an embedding lookup: rows of W + rows of A, times B
   return out
 
 
@@ -722,9 +722,9 @@ def _r_scan(eqn, invals, ctx):
       s0 = x.sides[0]
       parts = {"base": x.base}
       if s0 != "R":
-        parts["a"] = x.a
+        parts["a"] = x.lefts()
       if s0 != "L":
-        parts["b"] = x.b
+        parts["b"] = x.rights()
       xs_in.append(parts)
       rebuild.append((x, s0))
     else:
@@ -745,8 +745,8 @@ def _r_scan(eqn, invals, ctx):
         vals.append(x)
       else:
         lz, s0 = rb
-        vals.append(lz.replace(base=x["base"], a=x.get("a", lz.a), b=x.get("b", lz.b),
-                               sides=lz.sides[1:]))
+        vals.append(lz.with_sides(x.get("a", lz.lefts()), x.get("b", lz.rights()),
+                                  base=x["base"], sides=lz.sides[1:]))
     sub = ctx.child(key)
     outs = _eval(jaxpr, jconsts, vals, sub)
     outs = _concrete_outs(outs, sub, "a scan body")

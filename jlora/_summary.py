@@ -8,16 +8,20 @@ from typing import Any
 
 import jax
 
-from jlora._tree import FullWeight, LoraWeight, is_adapted
+from jlora._adapter import is_adapted
 
 __all__ = ["Summary", "RuleSummary", "summary"]
 
 
 @dataclasses.dataclass(frozen=True)
 class RuleSummary:
-  """Counts for the leaves one rule adapted."""
+  """Counts for the leaves adapted with one spec (``label``: the spec, e.g. ``LoRA(8)``).
 
-  rule: str
+  Rules are provenance and are not kept in the tree, so leaves are grouped by
+  the spec they carry: equivalent rules give one row.
+  """
+
+  label: str
   leaves: int
   trainable: int
   base: int
@@ -32,7 +36,7 @@ class Summary:
     trainable: trainable parameters (adapter factors and Full leaves).
     total: all parameters, frozen base plus adapters (as PEFT counts them).
     adapter_bytes: bytes of the trainable arrays (what an adapter checkpoint stores).
-    per_rule: a :class:`RuleSummary` for each rule that adapted something.
+    per_rule: a :class:`RuleSummary` for each spec in the tree.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -58,9 +62,9 @@ class Summary:
             f"trainable%: {self.trainable_percent:.4f}")
 
   def __str__(self) -> str:
-    rows = [f"{'rule':<40} {'leaves':>6} {'trainable':>12} {'base':>14} {'bytes':>12}"]
+    rows = [f"{'spec':<40} {'leaves':>6} {'trainable':>12} {'base':>14} {'bytes':>12}"]
     for r in self.per_rule:
-      rows.append(f"{r.rule[:40]:<40} {r.leaves:>6} {r.trainable:>12,} {r.base:>14,} {r.bytes:>12,}")
+      rows.append(f"{r.label[:40]:<40} {r.leaves:>6} {r.trainable:>12,} {r.base:>14,} {r.bytes:>12,}")
     rows.append(self.line + f" || adapter bytes: {self.adapter_bytes:,}")
     return "\n".join(rows)
 
@@ -81,21 +85,14 @@ def summary(tree: Any) -> Summary:
   per: dict[str, list[int]] = {}
   trainable = total = nbytes = 0
   for x in jax.tree.leaves(tree, is_leaf=is_adapted):
-    if isinstance(x, LoraWeight):
-      t = _size(x.a) + _size(x.b)
-      base = _size(x.w)
-      b = _bytes(x.a) + _bytes(x.b)
-    elif isinstance(x, FullWeight):
-      t = base = _size(x.w)
-      b = _bytes(x.w)
-      base = 0
-    else:
+    if not is_adapted(x):
       total += _size(x)
       continue
+    t, base, b = x.trainable_count(), x.base_count(), x.trainable_bytes()
     trainable += t
     total += t + base
     nbytes += b
-    row = per.setdefault(x.rule, [0, 0, 0, 0])
+    row = per.setdefault(x.spec.describe(), [0, 0, 0, 0])
     row[0] += 1
     row[1] += t
     row[2] += base

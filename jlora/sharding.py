@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora._errors import ShardingError
 from jlora._paths import closest_paths, compile_pattern, path_str
-from jlora._tree import Axes, FullWeight, LoraWeight, is_adapted
+from jlora._adapter import Adapter, Axes, factor_layouts, is_adapted
 
 __all__ = [
     "P", "PRESETS", "LLAMA_AXES", "BERT_AXES", "ShardingRules", "adapter_specs", "tree_specs",
@@ -511,23 +511,11 @@ def _entries(tree) -> tuple[list[tuple[str, Any]], Any]:
 
 
 def _base_shape(node) -> tuple[int, ...] | None:
-  """The base kernel's shape, also when only the factors are present (trainable half)."""
+  """The base kernel's shape (adapters keep it as static data, also in the trainable half)."""
   if node is None:
     return None
-  if isinstance(node, LoraWeight):
-    if node.w is not None:
-      return tuple(node.w.shape)
-    if node.a is None or node.b is None:
-      return None
-    ax = node.axes
-    n = len(ax.stack)
-    parts = list(node.a.shape[:-1]) + list(node.b.shape[n + 1:])
-    shape = [0] * len(ax.order)
-    for dim, size in zip(ax.order, parts):
-      shape[dim] = size
-    return tuple(shape)
-  if isinstance(node, FullWeight):
-    return None if node.w is None else tuple(node.w.shape)
+  if is_adapted(node):
+    return None if all(getattr(node, n) is None for n in node.children()) else tuple(node.shape)
   return tuple(node.shape) if hasattr(node, "shape") else None
 
 
@@ -547,33 +535,27 @@ def _spec_entries(path: str, spec, ndim: int) -> list:
 
 
 def _adapter_specs(path: str, w_spec, axes: Axes) -> tuple[PartitionSpec, PartitionSpec]:
+  """The specs of LoRA's ``a`` and ``b`` on a base sharded as ``w_spec`` (rank axis replicated)."""
   e = _spec_entries(path, w_spec, len(axes.order))
-  stack = [e[i] for i in axes.stack]
-  a = P(*stack, *[e[i] for i in axes.inputs], None)
-  b = P(*stack, None, *[e[i] for i in axes.outputs])
-  return a, b
+  return tuple(P(*[None if i is None else e[i] for i in lay]) for lay in factor_layouts(axes))
 
 
 def _node_spec(path: str, node, spec):
   """The spec (tree) for one entry, given its base spec or a spec node."""
   if node is None:
     return None
-  if isinstance(node, LoraWeight):
-    if isinstance(spec, LoraWeight):  # a spec tree made before: keep its adapter specs
-      w_spec, a_spec, b_spec = spec.w, spec.a, spec.b
-      if (a_spec is None and node.a is not None) or (b_spec is None and node.b is not None):
-        a_spec, b_spec = _adapter_specs(path, w_spec, node.axes)
-    else:
-      w_spec = P() if spec is None else spec
-      a_spec, b_spec = _adapter_specs(path, w_spec, node.axes)
-    return node.replace(w=None if node.w is None else (w_spec if w_spec is not None else P()),
-                        a=None if node.a is None else a_spec,
-                        b=None if node.b is None else b_spec)
-  if isinstance(node, FullWeight):
-    if isinstance(spec, FullWeight):
-      spec = spec.w
-    return FullWeight(None if node.w is None else (P() if spec is None else spec), rule=node.rule)
-  if isinstance(spec, (LoraWeight, FullWeight)):
+  if is_adapted(node):
+    given = spec if isinstance(spec, Adapter) else None
+    w_spec = given.w if given is not None else spec
+    w_spec = P() if w_spec is None else w_spec
+    e = _spec_entries(path, w_spec, node.ndim)
+    out = {"w": w_spec}
+    for name, layout in node.layouts().items():
+      kept = getattr(given, name, None) if given is not None else None
+      out[name] = kept if kept is not None else P(*[None if i is None else e[i] for i in layout])
+    return node.replace(**{n: (None if getattr(node, n) is None else out.get(n, P()))
+                           for n in node.children()})
+  if isinstance(spec, Adapter):
     raise ShardingError(f"{path!r}: the spec tree holds an adapter here but the tree a plain leaf")
   return P() if spec is None else spec
 
@@ -631,7 +613,7 @@ def _pytree_specs(entries, specs) -> list:
     raise ShardingError("the spec tree lists the tree's leaves in another order; build it with "
                         "jax.tree.map over the params")
   for (path, node), (_, s) in zip(entries, flat):
-    if s is not None and not isinstance(s, (PartitionSpec, LoraWeight, FullWeight)):
+    if s is not None and not isinstance(s, (PartitionSpec, Adapter)):
       raise ShardingError(
           f"{path!r}: the spec {s!r} is not a jax.sharding.PartitionSpec; write e.g. P(None, 'model')")
   return [s for _, s in flat]

@@ -110,7 +110,7 @@ def test_callable_rules_need_no_rules_object_to_load(tmp_path):
   tree = _trained(jlora.wrap(params, rules, key=KEY))
   restored = load_adapters(save_adapters(tmp_path / "c", tree), params)
   _assert_trees_identical(restored, tree)
-  assert restored["layers"]["attn"]["q"]["kernel"].rule == "<callable>"
+  assert restored["layers"]["attn"]["q"]["kernel"].spec == jlora.LoRA(2, alpha=3, stack_axes=1)
 
 
 def test_manifest_records_specs_rules_fingerprint_version_metadata(saved):
@@ -118,7 +118,7 @@ def test_manifest_records_specs_rules_fingerprint_version_metadata(saved):
   m = read_adapter_manifest(path)
   assert m["metadata"] == {"lr": 1e-3}
   assert m["jlora_version"] == jlora.__version__
-  assert sorted(m["rules"]) == sorted(r for r, _ in _rules(None))
+  assert sorted(m["specs"]) == sorted({s.describe() for _, s in _rules(None)})
   by_path = {e["path"]: e for e in m["entries"]}
   assert set(by_path) == {p for p, _ in jlora.adapted_leaves(tree)}
   v = by_path["layers/attn/v/kernel"]
@@ -176,9 +176,12 @@ def test_other_rules_are_an_error(saved):
     load_adapters(path, jlora.wrap(params, other_rank, key=KEY))
   with pytest.raises(jlora.CheckpointError, match=r"other rules.*'head/bias'"):
     load_adapters(path, jlora.wrap(params, rules[:-1], key=KEY))
+  # Rule text is provenance, not structure: an equivalent rule with another pattern loads.
   renamed = [("layers/attn/{q,q}/kernel", s) if p == "layers/attn/q/kernel" else (p, s) for p, s in rules]
-  with pytest.raises(jlora.CheckpointError, match="other rules"):
-    load_adapters(path, jlora.wrap(params, renamed, key=KEY))
+  wrapped = jlora.wrap(params, renamed, key=KEY)
+  restored = load_adapters(path, wrapped)
+  assert jax.tree.structure(restored) == jax.tree.structure(wrapped)
+  assert jax.tree.structure(restored) == jax.tree.structure(jlora.wrap(params, rules, key=KEY))
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -222,7 +225,7 @@ def test_corrupt_checkpoints_are_errors(saved, tmp_path):
       ("key", lambda m: m["entries"][0].update(key="../../x"), "not alphanumeric"),
       ("spec", lambda m: next(e for e in m["entries"] if e["kind"] == "lora")["spec"].update(rank=-1),
        "LoRA spec is invalid"),
-      ("kind", lambda m: m["entries"][0].update(kind="dora"), "unknown kind"),
+      ("kind", lambda m: m["entries"][0].update(kind="no-such-method"), "unknown adapter kind"),
   ]:
     c = _copy(path, tmp_path / name)
     m = json.loads((c / "jlora_adapters.json").read_text())

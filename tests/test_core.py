@@ -290,7 +290,7 @@ def test_summary_counts(n, rank, want):
   assert s.total == n * n + want
   assert s.adapter_bytes == 4 * want
   assert f"trainable params: {want:,}" in str(s)
-  assert s.per_rule[0].rule == "k" and s.per_rule[0].leaves == 1
+  assert s.per_rule[0].label == f"LoRA({rank})" and s.per_rule[0].leaves == 1
 
 
 # -- bad input ---------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""The value :func:`jlora.lora` contracts in place of an adapted weight: a frozen base plus terms.
+
+A :class:`Lazy` stands for
+
+    V = (u * base + sum_k scale_k * a_k (x) b_k) * v
+
+where ``base`` is the frozen weight (``stop_gradient``-ed), each term is a
+low-rank product summed over its own rank axis (LoRA has one, stacked
+adapters several, VeRA one with frozen factors scaled by trainable vectors),
+``u`` is an optional per-row scaling of the base alone (IA3 on a feed-forward
+input) and ``v`` an optional per-column scaling of everything (IA3 on an
+output, DoRA's magnitude over its column norm).
+
+Layout: ``sides[i]`` says which factors carry value axis ``i``: ``"L"`` (the
+left ones: every ``a`` and ``u``), ``"R"`` (the right ones: every ``b`` and
+``v``) or ``"S"`` (both: stacked layers). A left tensor has the value's
+``L``/``S`` axes in value order and then its rank axis; a right tensor its
+``R``/``S`` axes and then its rank axis. ``u`` and ``v`` are left / right
+tensors of rank 1. Shape-only operations act on every tensor of a side alike,
+so a method never has to teach the interpreter anything new.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora._adapter import Axes
+
+__all__ = ["Term", "Lazy", "from_kernel"]
+
+
+class Term(NamedTuple):
+  """One low-rank term ``scale * a (x) b``; ``dropout`` applies to its input only."""
+
+  a: Any
+  b: Any
+  scale: float = 1.0
+  dropout: float = 0.0
+
+
+class Lazy:
+  """See the module docstring."""
+
+  __slots__ = ("base", "sides", "terms", "u", "v", "path")
+
+  def __init__(self, base, sides, terms=(), u=None, v=None, path: str = ""):
+    self.base, self.sides = base, tuple(sides)
+    self.terms, self.u, self.v, self.path = tuple(terms), u, v, path
+
+  def replace(self, **kw) -> Lazy:
+    f = {s: getattr(self, s) for s in self.__slots__}
+    f.update(kw)
+    return Lazy(**f)
+
+  @property
+  def shape(self):
+    return tuple(self.base.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.sides)
+
+  def lefts(self) -> list:
+    return [t.a for t in self.terms] + ([] if self.u is None else [self.u])
+
+  def rights(self) -> list:
+    return [t.b for t in self.terms] + ([] if self.v is None else [self.v])
+
+  def map_sides(self, left, right, **kw) -> Lazy:
+    """Applies ``left`` to every left tensor and ``right`` to every right one."""
+    terms = tuple(t._replace(a=left(t.a), b=right(t.b)) for t in self.terms)
+    u = None if self.u is None else left(self.u)
+    v = None if self.v is None else right(self.v)
+    return self.replace(terms=terms, u=u, v=v, **kw)
+
+  def with_sides(self, lefts: list, rights: list, **kw) -> Lazy:
+    """Rebuilds from new left / right tensor lists (in :meth:`lefts` / :meth:`rights` order)."""
+    n = len(self.terms)
+    terms = tuple(t._replace(a=lefts[k], b=rights[k]) for k, t in enumerate(self.terms))
+    u = lefts[n] if self.u is not None else None
+    v = rights[n] if self.v is not None else None
+    return self.replace(terms=terms, u=u, v=v, **kw)
+
+
+jax.tree_util.register_pytree_node(
+    Lazy,
+    lambda z: ((z.base, tuple(t.a for t in z.terms), tuple(t.b for t in z.terms), z.u, z.v),
+               (z.sides, tuple((t.scale, t.dropout) for t in z.terms), z.path)),
+    lambda aux, ch: Lazy(ch[0], aux[0], tuple(Term(a, b, s, d) for a, b, (s, d) in zip(ch[1], ch[2], aux[1])),
+                         ch[3], ch[4], aux[2]),
+)
+
+
+def from_kernel(w, axes: Axes, terms=(), *, u=None, v=None, path: str = "") -> Lazy:
+  """The :class:`Lazy` of a kernel ``w`` with :class:`jlora.Axes` ``axes``.
+
+  ``terms`` are :class:`Term` s whose ``a`` is ``stack + in + (k,)`` and ``b``
+  ``stack + (k,) + out`` (the adapters' storage layout, in/out axes in
+  ``axes``' order); ``u`` is ``stack + in`` and ``v`` ``stack + out``. The base
+  is wrapped in ``stop_gradient`` here, so no gradient reaches it.
+  """
+  ndim = len(w.shape)
+  sides = ["S"] * ndim
+  for i in axes.inputs:
+    sides[i] = "L"
+  for i in axes.outputs:
+    sides[i] = "R"
+  ns = len(axes.stack)
+  a_perm = list(range(ns)) + [ns + axes.inputs.index(i) for i in sorted(axes.inputs)]
+  b_perm = list(range(ns)) + [ns + 1 + axes.outputs.index(i) for i in sorted(axes.outputs)]
+
+  def left(a):  # stack + inputs (spec order) + k  ->  stack + sorted(inputs) + k
+    perm = a_perm + [a.ndim - 1]
+    return a if perm == list(range(a.ndim)) else jnp.transpose(a, perm)
+
+  def right(b):  # stack + k + outputs (spec order)  ->  stack + sorted(outputs) + k
+    perm = b_perm + [ns]
+    return b if perm == list(range(b.ndim)) else jnp.transpose(b, perm)
+
+  out_terms = tuple(Term(left(t.a), right(t.b), float(t.scale), float(t.dropout)) for t in terms)
+  lu = None if u is None else left(u[..., None])
+  rv = None if v is None else right(jnp.expand_dims(v, ns))
+  return Lazy(lax.stop_gradient(w), sides, out_terms, lu, rv, path)

@@ -1,0 +1,6 @@
+"""The registered adapter methods (importing this package registers them)."""
+
+from jlora._methods.lora import Full as Full
+from jlora._methods.lora import FullWeight as FullWeight
+from jlora._methods.lora import LoRA as LoRA
+from jlora._methods.lora import LoraWeight as LoraWeight
