@@ -79,6 +79,14 @@ class AdapterSpec:
   ``adapt(path, leaf, key)`` returns the adapted leaf (an :class:`Adapter`),
   or ``leaf`` itself to leave it alone (LoRA skips 1-D leaves so that broad
   globs never wrap biases by accident).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> spec = jlora.LoRA(2)
+    >>> isinstance(spec, jlora.AdapterSpec), spec.describe()
+    (True, 'LoRA(2)')
+    >>> spec.adapt("k", jnp.ones((4, 4)), jax.random.key(0)).kind
+    'lora'
   """
 
   def adapt(self, path: str, leaf: Any, key: jax.Array) -> Any:  # pragma: no cover - abstract
@@ -106,6 +114,15 @@ class Adapter:
   checkpoint must store more than the trainable children) and implement
   ``merged``, ``unmerged``, ``layouts`` and, for a low-rank evaluation in
   :func:`jlora.lora`, ``lazy``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> leaf = jlora.wrap({"k": jnp.ones((4, 3))}, {"k": jlora.LoRA(2)}, key=jax.random.key(0))["k"]
+    >>> isinstance(leaf, jlora.Adapter), leaf.children(), leaf.shape
+    (True, ('w', 'a', 'b'), (4, 3))
+    >>> trainable, frozen = jlora.split({"k": leaf})
+    >>> trainable["k"].w is None, trainable["k"].shape
+    (True, (4, 3))
   """
 
   kind: ClassVar[str] = ""

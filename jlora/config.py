@@ -5,7 +5,7 @@ keys::
 
   model:   which base model and how to run it (dtype, remat, pooling)
   data:    which data, which task, how long the rows are
-  method:  lora | full | bitfit, and the LoRA hyper-parameters
+  method:  lora | dora | ia3 | vera | full | bitfit, and the adapters' hyper-parameters
   train:   the optimiser, schedule, batch sizes, evaluation and checkpoints
 
 Every value has a default, so an empty config is the default job (LoRA r=8 on
@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from jlora._errors import ConfigError
+from jlora._spec import INITS as _INITS
 
 __all__ = [
     "Config",
@@ -58,10 +59,9 @@ MODEL_NAMES: dict[str, str] = {
 
 _TASKS = ("classification", "causal_lm", "instruction")
 _SOURCES = ("sentiment", "files", "hub")
-_METHODS = ("lora", "full", "bitfit")
+_METHODS = ("lora", "dora", "ia3", "vera", "full", "bitfit")
 _DTYPES = ("float32", "bfloat16")
 _POOLING = ("mean", "cls")
-_INITS = ("kaiming", "gaussian")
 _DOMAINS = ("movies", "tweets", "amazon", "nyt")
 _FORMATS = ("json", "csv", "parquet", "text")
 
@@ -165,18 +165,27 @@ class MethodConfig:
   """What is trained.
 
   Attributes:
-    name: ``lora`` (low-rank adapters on ``targets``), ``full`` (every
-      parameter) or ``bitfit`` (every bias).
+    name: ``lora`` (low-rank adapters on ``targets``), ``dora`` (LoRA with a
+      learned magnitude, :class:`jlora.DoRA`), ``ia3`` (learned output / input
+      scalings, :class:`jlora.IA3`), ``vera`` (shared random projections with
+      learned vectors, :class:`jlora.VeRA`), ``full`` (every parameter) or
+      ``bitfit`` (every bias).
     rank: LoRA rank r.
     alpha: LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with
       rslora). 0 means alpha = r.
     dropout: LoRA dropout on the adapter input (see the notes in docs/cli.md).
     rslora: rank-stabilised scaling alpha / sqrt(r).
-    init: LoRA A init: ``kaiming`` (PEFT's default) or ``gaussian``.
-    targets: LoRA: module names (the path component above ``kernel``, e.g.
+    init: LoRA / DoRA init: ``kaiming`` (PEFT's default), ``gaussian``, or
+      ``pissa`` / ``olora`` (LoRA only: initial factors from the base's SVD / QR,
+      see docs/method_lora_init.md).
+    targets: module names (the path component above ``kernel``, e.g.
       ``query``, ``v_proj``) or globs over module paths (``attention/self/*``).
       null (auto): the attention query and value projections (``query,value``
-      for BERT, ``q_proj,v_proj`` for Llama).
+      for BERT, ``q_proj,v_proj`` for Llama); for ``ia3`` PEFT's defaults
+      (``key,value,output/dense`` for BERT, ``k_proj,v_proj,down_proj`` for Llama).
+    feedforward: ``ia3`` only: the targets whose inputs are scaled (PEFT's
+      ``feedforward_modules``). null (auto): ``output/dense`` for BERT,
+      ``down_proj`` for Llama.
     train_also: modules trained in full besides the method's own parameters
       (PEFT's ``modules_to_save``); any method. null (auto): the
       classification head (``classifier``) for classification, none otherwise.
@@ -189,6 +198,7 @@ class MethodConfig:
   rslora: bool = False
   init: str = "kaiming"
   targets: list[str] | None = None
+  feedforward: list[str] | None = None
   train_also: list[str] | None = None
 
 
@@ -478,8 +488,8 @@ def validate(cfg: Config) -> None:
   positive("method.alpha", me.alpha, zero=True)
   if not 0 <= me.dropout < 1:
     raise ConfigError(f"method.dropout must be in [0, 1), got {me.dropout}.")
-  if me.name == "lora" and me.targets is not None and not me.targets:
-    raise ConfigError("method.targets is empty; LoRA needs at least one module, e.g. query,value.")
+  if me.name not in ("full", "bitfit") and me.targets is not None and not me.targets:
+    raise ConfigError(f"method.targets is empty; {me.name} needs at least one module, e.g. query,value.")
   for k in ("epochs", "batch_size", "grad_accum", "lr", "eval_batch_size", "keep_last",
             "log_every"):
     positive(f"train.{k}", getattr(t, k))

@@ -325,8 +325,10 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
 def build_rules(cfg: Config, params: Any, family: str) -> list[tuple[str, Any]]:
   """The ``jlora.wrap`` rules for ``cfg.method`` on ``params``.
 
-  ``lora``: a ``LoRA`` spec for every ``kernel`` whose module matches a target
-  (stacked layers get ``stack_axes=1``); ``full``: ``Full`` on every float
+  ``lora`` / ``dora`` / ``vera`` / ``ia3``: that method's spec for every
+  ``kernel`` whose module matches a target (stacked layers get
+  ``stack_axes=1``; for ``ia3`` the ``method.feedforward`` targets scale their
+  inputs); ``full``: ``Full`` on every float
   leaf; ``bitfit``: ``Full`` on every ``bias``. ``method.train_also`` modules
   are trained in full with any method.
 
@@ -364,18 +366,18 @@ def build_rules(cfg: Config, params: Any, family: str) -> list[tuple[str, Any]]:
     if not hit:
       _no_module("method.train_also", name, modules)
     also_paths += [p for p in hit if p not in also_paths]
-  if me.name == "lora":
-    targets = me.targets if me.targets is not None else _default_targets(family)
+  if me.name in ADAPTER_METHODS:
+    targets = me.targets if me.targets is not None else _default_targets(family, me.name)
+    feedforward = me.feedforward if me.feedforward is not None else _default_feedforward(family)
     for name in targets:
       hit = [p for p in paths if p.endswith("/kernel")
              and _module_matches(name, p.rsplit("/", 1)[0]) and p not in also_paths]
       if not hit:
         _no_module("method.targets", name, [m for m in modules if m + "/kernel" in leaves])
-      alpha = me.alpha if me.alpha > 0 else None
       for p in hit:
         stack = 1 if p.startswith("layers/") else None
-        spec = jlora.LoRA(me.rank, alpha=alpha, dropout=me.dropout, init=me.init,
-                          rslora=me.rslora, stack_axes=stack)
+        ff = any(_module_matches(f, p.rsplit("/", 1)[0]) for f in feedforward)
+        spec = _method_spec(me, stack, ff)
         if p not in (r for r, _ in rules):
           rules.append((p, spec))
   elif me.name == "full":
@@ -702,8 +704,34 @@ def _load_model(cfg: Config, family: str, num_labels: int | None) -> _Model:
   return _Model("llama", params, tokenizer, config, forward)
 
 
-def _default_targets(family: str) -> list[str]:
+#: the ``method.name`` values that put an adapter on each target kernel
+ADAPTER_METHODS = ("lora", "dora", "ia3", "vera")
+
+
+def _method_spec(me: Any, stack_axes: int | None, feedforward: bool) -> Any:
+  """The spec of ``method.name`` for one target kernel."""
+  alpha = me.alpha if me.alpha > 0 else None
+  if me.name == "ia3":
+    return jlora.IA3(feedforward=feedforward, stack_axes=stack_axes)
+  if me.name == "vera":
+    return jlora.VeRA(me.rank, dropout=me.dropout, stack_axes=stack_axes)
+  if me.name == "dora":
+    if me.init not in ("kaiming", "gaussian"):
+      raise ConfigError(f"method.init={me.init} is a LoRA init; DoRA takes kaiming or gaussian.")
+    return jlora.DoRA(me.rank, alpha=alpha, dropout=me.dropout, init=me.init, rslora=me.rslora,
+                      stack_axes=stack_axes)
+  return jlora.LoRA(me.rank, alpha=alpha, dropout=me.dropout, init=me.init, rslora=me.rslora,
+                    stack_axes=stack_axes)
+
+
+def _default_targets(family: str, method: str = "lora") -> list[str]:
+  if method == "ia3":
+    return ["key", "value", "output/dense"] if family == "bert" else ["k_proj", "v_proj", "down_proj"]
   return ["query", "value"] if family == "bert" else ["q_proj", "v_proj"]
+
+
+def _default_feedforward(family: str) -> list[str]:
+  return ["output/dense"] if family == "bert" else ["down_proj"]
 
 
 def _train_also(cfg: Config) -> list[str]:
@@ -966,7 +994,7 @@ def _make_train_step(cfg: Config, model: _Model, frozen: Any, tx: optax.Gradient
   forward = jlora.lora(lambda p, batch, det, rng: model.forward(p, batch, det, rng))
   schedule = _schedule(cfg, total_steps)
 
-  lora_dropout = cfg.method.name == "lora" and cfg.method.dropout > 0
+  lora_dropout = cfg.method.name in ("lora", "dora", "vera") and cfg.method.dropout > 0
 
   def micro_loss(trainable, frozen, batch, rng):
     # the model's own dropout uses rng; LoRA dropout on the low-rank path's input gets an
