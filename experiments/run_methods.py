@@ -1,9 +1,9 @@
-"""LoRA vs full fine-tuning vs BitFit on the default job (all-MiniLM-L6-v2, movie-review sentiment).
+"""The PEFT methods side by side on the default job (all-MiniLM-L6-v2, movie-review sentiment).
 
-  python experiments/run_methods.py [--methods lora,full,bitfit] [KEY=VALUE ...]
+  python experiments/run_methods.py [--methods lora,dora,ia3,vera,pissa,full,bitfit] [KEY=VALUE ...]
 
 Each method runs the default config (same data, split, steps, batch, seed) with
-its own customary learning rate; overrides apply to all three. Writes
+its own customary learning rate (not tuned here); overrides apply to all. Writes
 experiments/results/methods.json and methods.md with trainable parameters,
 validation / test accuracy, wall and CPU time, and the saved adapter size.
 Runs go to runs/methods-<method> (a finished run is not repeated; delete it to
@@ -28,6 +28,10 @@ ROOT = Path(__file__).resolve().parent
 #: parameters and take large steps; full fine-tuning of a pretrained encoder a small one).
 METHODS = {
     "lora": ["method.name=lora", "train.lr=1e-3"],
+    "dora": ["method.name=dora", "train.lr=1e-3"],
+    "pissa": ["method.name=lora", "method.init=pissa", "train.lr=1e-3"],
+    "ia3": ["method.name=ia3", "train.lr=3e-3"],
+    "vera": ["method.name=vera", "method.rank=256", "train.lr=4e-3"],
     "full": ["method.name=full", "train.lr=1e-4"],
     "bitfit": ["method.name=bitfit", "train.lr=2e-3"],
 }
@@ -35,7 +39,7 @@ METHODS = {
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--methods", default="lora,full,bitfit")
+  ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--reuse", action="append", default=[], metavar="METHOD=RUN_DIR",
                   help="take a method's numbers from a finished run directory whose config is "
                        "the one this script would run (checked), instead of training again")
@@ -86,6 +90,7 @@ def row(name, cfg, trainable, total, metrics, steps, train_s, wall_s, cpu_s, sav
       "test_f1": metrics["test"]["f1"],
       "test_roc_auc": metrics["test"]["roc_auc"],
       "steps": steps,
+      "step_ms": 1000.0 * train_s / max(steps, 1),
       "train_seconds": train_s,
       "wall_seconds": wall_s,
       "cpu_seconds": cpu_s,
@@ -111,22 +116,23 @@ def write(rows: dict, out_json: Path) -> None:
   out_json.parent.mkdir(parents=True, exist_ok=True)
   out_json.write_text(json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n")
   lines = [
-      "# LoRA vs full fine-tuning vs BitFit: all-MiniLM-L6-v2 on movie-review sentiment",
+      "# PEFT methods side by side: all-MiniLM-L6-v2 on movie-review sentiment",
       "",
       "Same data (the packaged movie-review sentences, canonical split: 8,513 train / "
       "1,042 validation / 1,013 test), same steps, batch and seed; each method with its "
       "customary learning rate. Produced by `python experiments/run_methods.py`.",
       "",
       "| method | lr | trainable params | trainable % | val acc | test acc | test F1 | "
-      "test ROC-AUC | train s (wall) | CPU s | saved size |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "test ROC-AUC | train s (wall) | ms/step (train s / steps: compile and eval included) | CPU s | saved size |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows.values():
     lines.append(
         f"| {r['method']} | {r['lr']:g} | {r['trainable_params']:,} | "
         f"{r['trainable_percent']:.3f} | {r['validation_accuracy']:.4f} | "
         f"{r['test_accuracy']:.4f} | {r['test_f1']:.4f} | {r['test_roc_auc']:.4f} | "
-        f"{r['train_seconds']:.0f} | {_num(r['cpu_seconds'])} | {r['saved_bytes'] / 1e6:.2f} MB |")
+        f"{r['train_seconds']:.0f} | {r.get('step_ms', 1000.0 * r['train_seconds'] / r['steps']):.0f} | "
+        f"{_num(r['cpu_seconds'])} | {r['saved_bytes'] / 1e6:.2f} MB |")
   lines += ["", f"Machine: {meta['machine']}; load average at the end {meta['load_average_at_end']}. "
             + meta["note"], ""]
   out_json.with_suffix(".md").write_text("\n".join(lines))

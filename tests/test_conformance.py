@@ -176,6 +176,8 @@ def test_sharded_equals_unsharded_on_8_devices(case):
   for node in jax.tree.leaves(placed, is_leaf=jlora.is_adapted):
     if jlora.is_adapted(node):
       assert all(len(getattr(node, n).sharding.device_set) == 8 for n in node.children())
+      # the trainable children follow the base's layout: some of them are split, not copied
+      assert any(not getattr(node, n).sharding.is_fully_replicated for n in node.trainable), node
 
 
 def test_swapping_adapters_does_not_recompile(case):
