@@ -61,7 +61,7 @@ _SOURCES = ("sentiment", "files", "hub")
 _METHODS = ("lora", "full", "bitfit")
 _DTYPES = ("float32", "bfloat16")
 _POOLING = ("mean", "cls")
-_INITS = ("kaiming", "gaussian")
+_INITS = ("kaiming", "gaussian", "pissa", "olora")
 _DOMAINS = ("movies", "tweets", "amazon", "nyt")
 _FORMATS = ("json", "csv", "parquet", "text")
 
