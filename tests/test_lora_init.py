@@ -1,4 +1,4 @@
-"""PiSSA / OLoRA (``jlora.LoRA(r, init="pissa" | "olora")``) against real PEFT 0.21 + transformers (torch CPU).
+"""PiSSA / OLoRA (``jlora.LoRA(r, init="pissa" | "olora")``) against real PEFT 0.21 + transformers.
 
 The references are PEFT's own: its modified (residual) base weights and initial factors right after
 ``get_peft_model(..., LoraConfig(init_lora_weights="pissa"))``, the logits of the PEFT model after
@@ -247,7 +247,8 @@ def test_bert_both_ways(bert, init, tmp_path):
         p += 0.3 * torch.randn(p.shape, generator=g)
   pm.eval()
   want = _torch_bert(pm)
-  pm.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+  pm.save_pretrained(tmp_path / "converted",
+                     path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
   base = _jlora_bert_both(model, params)[1]
   lifted, merged = _jlora_bert_both(model, jlora.load_peft(tmp_path / "converted", params))
   # jlora -> PEFT.
@@ -281,7 +282,8 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(llama, tmp_path):
                key=jax.random.key(0))
   for init in ("olora", "pissa"):
     with pytest.raises(jlora.SpecError, match=r"targets 'ids', a int32 .*Narrow the rule's pattern"):
-      jlora.wrap({"ids": jnp.ones((4, 4), jnp.int32)}, {"ids": jlora.LoRA(2, init=init)}, key=jax.random.key(0))
+      jlora.wrap({"ids": jnp.ones((4, 4), jnp.int32)}, {"ids": jlora.LoRA(2, init=init)},
+                 key=jax.random.key(0))
   for init in ("pissa_niter_x", "svd", "pissa_niter_-1"):
     with pytest.raises(jlora.SpecError, match="pissa_niter_K"):
       jlora.LoRA(2, init=init)
@@ -340,7 +342,8 @@ def test_real_minilm_pissa_both_ways(tmp_path):
         p += 0.05 * torch.randn(p.shape, generator=g)
   pm.eval()
   want = torch_hidden(pm)
-  pm.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+  pm.save_pretrained(tmp_path / "converted",
+                     path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
   imported = jlora.load_peft(tmp_path / "converted", params)
   import_diff = max(_max_diff(np.asarray(lifted_apply(imported)), want),
                     _max_diff(np.asarray(apply(jlora.merge(imported))), want))
