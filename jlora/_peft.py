@@ -537,6 +537,8 @@ def _export(tree: Any, m: PeftMapping) -> tuple[dict, dict[str, np.ndarray]]:
       if module not in full_modules:
         full_modules.append(module)
       continue
+    if node.kind == "lora_init":  # PiSSA / OLoRA: PEFT's conversion to plain LoRA on the original base
+      node = node.as_lora()
     if node.kind != "lora":
       raise SpecError(f"{path!r} is a {type(node).__name__}; PEFT's LoRA format holds LoRA adapters "
                       "and modules_to_save only")
@@ -920,7 +922,9 @@ def _validate_lora(config: dict, f: str) -> None:
   if init not in (True, False, "gaussian"):
     raise CheckpointError(
         f"{f}: init_lora_weights={init!r} is not supported: it rewrites the base weights at init "
-        "(PiSSA, OLoRA, LoftQ, ...) or needs data; convert the adapter to plain LoRA with PEFT first")
+        "(PiSSA, OLoRA, LoftQ, ...) or needs data; convert the adapter to plain LoRA with PEFT first: "
+        "save it with save_pretrained(out, path_initial_model_for_weight_conversion=<the adapter saved "
+        "right after init>) (PiSSA / OLoRA), then load `out`")
   dropout = config.get("lora_dropout", 0.0)
   if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
     raise CheckpointError(f"{f}: lora_dropout must be in [0, 1), got {dropout!r}")
@@ -935,4 +939,4 @@ def _load_lora(config, tensors, params, m, where):
   return _import(where, config, tensors, params, m)
 
 
-register_codec(PeftCodec("LORA", ("lora",), _validate_lora, _load_lora, lambda tree, m: _export(tree, m)))
+register_codec(PeftCodec("LORA", ("lora", "lora_init"), _validate_lora, _load_lora, lambda tree, m: _export(tree, m)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import zlib
 from typing import Any
 
@@ -24,7 +25,7 @@ from jlora._lazy import Term, from_kernel
 
 __all__ = ["LoRA", "Full", "LoraWeight", "FullWeight", "INITS"]
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "olora")  # and "pissa_niter_K" (jlora/_methods/lora_init.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,10 @@ class LoRA(AdapterSpec):
     init: ``"kaiming"`` (default: ``A`` uniform in ``+-1/sqrt(fan_in)``, as
       PEFT's ``kaiming_uniform_(a=sqrt(5))``) or ``"gaussian"`` (``A`` normal
       with std ``1/rank``, as PEFT's ``init_lora_weights="gaussian"`` and the
-      LoRA paper's random Gaussian ``A``). ``B`` is zeros in both.
+      LoRA paper's random Gaussian ``A``). ``B`` is zeros in both. ``"pissa"``,
+      ``"pissa_niter_K"`` and ``"olora"`` start ``A`` and ``B`` from the base's
+      SVD / QR and keep those initial factors as frozen children (a
+      :class:`jlora.LoraInitWeight`, see ``docs/method_lora_init.md``).
     rslora: use the rank-stabilised scale ``alpha / sqrt(rank)``.
     dtype: the adapters' dtype; default float32 (float64 for a float64 base).
     stack_axes: how many leading axes of the kernel are stacked layers (scanned
@@ -90,8 +94,9 @@ class LoRA(AdapterSpec):
     if not 0.0 <= float(self.dropout) < 1.0:
       raise SpecError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
     object.__setattr__(self, "dropout", float(self.dropout))
-    if self.init not in INITS:
-      raise SpecError(f"LoRA init must be one of {INITS}, got {self.init!r}")
+    if not isinstance(self.init, str) or not (self.init in INITS or is_base_init(self.init)):
+      raise SpecError(f"LoRA init must be one of {INITS} or 'pissa_niter_K' (K >= 0 randomised-SVD "
+                      f"subspace iterations, e.g. 'pissa_niter_4'), got {self.init!r}")
     if self.dtype is not None:
       dt = np.dtype(self.dtype)
       if not np.issubdtype(dt, np.floating) and dt.name != "bfloat16":
@@ -131,6 +136,9 @@ class LoRA(AdapterSpec):
       raise SpecError(
           f"{type(self).__name__} rank {self.rank} at {path!r} exceeds min(in, out) = min({n_in}, "
           f"{n_out}) of its kernel {shape}; use rank <= {min(n_in, n_out)}")
+    if is_base_init(self.init):
+      from jlora._methods.lora_init import adapt_from_base  # noqa: PLC0415 - it builds on this module
+      return adapt_from_base(self, path, leaf, key, axes)
     dtype = adapter_dtype(self, leaf.dtype)
     a_shape, b_shape = factor_shapes(shape, axes, self.rank)
     a = init_a(self.init, leaf_key(key, path), a_shape, n_in, self.rank)
@@ -250,6 +258,11 @@ class FullWeight(Adapter):
 
 
 # -- helpers shared by the methods -------------------------------------------------------------
+
+def is_base_init(init) -> bool:
+  """True for the inits that derive the factors from the base: ``"pissa"``, ``"olora"``, ``"pissa_niter_K"``."""
+  return isinstance(init, str) and re.fullmatch(r"pissa|olora|pissa_niter_\d+", init) is not None
+
 
 def leaf_key(key: jax.Array, path: str) -> jax.Array:
   """A leaf's own PRNG key, from its path: adding a rule never changes other leaves' init."""
