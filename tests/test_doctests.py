@@ -5,8 +5,9 @@ import importlib
 
 import pytest
 
-MODULES = ["jlora", "jlora._adapter", "jlora._methods.lora", "jlora._spec", "jlora._tree",
-           "jlora._optim", "jlora._summary", "jlora._lora", "jlora._paths", "jlora._checkpoint"]
+MODULES = ["jlora", "jlora._adapter", "jlora._methods.lora", "jlora._methods.lora_init", "jlora._spec",
+           "jlora._tree", "jlora._optim", "jlora._summary", "jlora._lora", "jlora._paths",
+           "jlora._checkpoint"]
 
 
 @pytest.mark.parametrize("name", MODULES)
