@@ -38,6 +38,7 @@ import numpy as np
 from jlora._checkpoint import _short, atomic_write_dir, safe_child
 from jlora._errors import CheckpointError, ModelError, SpecError, TreeError
 from jlora._paths import path_str
+from jlora._methods.dora import DoRA, DoraWeight
 from jlora._spec import LoRA
 from jlora._tree import FullWeight, LoraWeight, _adapter_dtype, infer_axes, is_adapted
 
@@ -60,7 +61,7 @@ DEFAULT_LEAVES: dict[str, tuple[str, bool]] = {
 _REQUIRED = ("peft_type", "r", "lora_alpha", "target_modules")
 # Fields that change what the adapter computes and that jlora does not implement.
 _UNSUPPORTED = {
-    "use_dora": (False, None), "fan_in_fan_out": (False, None), "bias": ("none", None),
+    "fan_in_fan_out": (False, None), "bias": ("none", None),
     "lora_bias": (False, None), "layer_replication": (None,), "use_qalora": (False, None),
     "trainable_token_indices": (None,), "target_parameters": (None, []),
     "alora_invocation_tokens": (None,), "use_bdlora": (None, False),
@@ -346,7 +347,7 @@ def load_peft(directory: str | os.PathLike, params: Any, *,
   Raises:
     CheckpointError: a missing, truncated or corrupt file; ``adapter_config.json``
       with an unknown ``peft_type``, missing fields or features jlora does not
-      implement (DoRA, ``fan_in_fan_out``, LoRA biases, ...); a pickled
+      implement (``fan_in_fan_out``, LoRA biases, DoRA embeddings, ...); a pickled
       ``adapter_model.bin`` only; tensor names the mapping does not know; shapes
       that do not fit the params or the config's ranks.
 
@@ -504,7 +505,7 @@ def _split_name(key: str) -> tuple[str, str]:
   """``base_model.model.M.lora_A.weight`` -> (``M``, ``lora_A.weight``)."""
   name = key[len(_PREFIX):]
   for suffix in ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B",
-                 "base_layer.weight", "base_layer.bias"):
+                 "lora_magnitude_vector", "base_layer.weight", "base_layer.bias"):
     if name.endswith("." + suffix):
       return name[: -len(suffix) - 1], suffix
   module, _, param = name.rpartition(".")
@@ -539,9 +540,9 @@ def _export(tree: Any, m: PeftMapping) -> tuple[dict, dict[str, np.ndarray]]:
       continue
     if node.kind == "lora_init":  # PiSSA / OLoRA: PEFT's conversion to plain LoRA on the original base
       node = node.as_lora()
-    if node.kind != "lora":
-      raise SpecError(f"{path!r} is a {type(node).__name__}; PEFT's LoRA format holds LoRA adapters "
-                      "and modules_to_save only")
+    if node.kind not in ("lora", "dora"):
+      raise SpecError(f"{path!r} is a {type(node).__name__}; PEFT's LoRA format holds LoRA / DoRA "
+                      "adapters and modules_to_save only")
     pname, linear = m.leaves.get(leaf, (None, None))
     if pname != "weight":
       raise SpecError(f"LoRA on {path!r}: PEFT has LoRA layers for Linear weights ('kernel' leaves) "
@@ -564,6 +565,14 @@ def _export(tree: Any, m: PeftMapping) -> tuple[dict, dict[str, np.ndarray]]:
                 else ("lora_embedding_A", "lora_embedding_B"))
       tensors[f"{_PREFIX}{torch_name}.{ka}"] = np.ascontiguousarray(al.reshape(-1, r).T)
       tensors[f"{_PREFIX}{torch_name}.{kb}"] = np.ascontiguousarray(bl.reshape(r, -1).T)
+    if node.kind == "dora":
+      if not linear:
+        raise SpecError(f"DoRA on {path!r}: jlora writes DoRA for Linear weights ('kernel' leaves) "
+                        "only; use jlora.LoRA for embeddings")
+      if node.m is None:
+        raise TreeError(f"the adapter at {path!r} lacks its magnitude 'm'; pass the whole tree")
+      for name, (_, ml) in zip(names, _layers(_host(node.m), stacked)):
+        tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(ml.reshape(-1))
     if module in lora_modules:
       raise SpecError(f"two LoRA leaves under torch module {m.modules[module]!r}; PEFT has one per module")
     lora_modules[module] = (node.spec, names)
@@ -595,7 +604,13 @@ def _export(tree: Any, m: PeftMapping) -> tuple[dict, dict[str, np.ndarray]]:
             raise SpecError(f"cannot export {module}/{leaf} of shape {arr.shape} as a torch Linear weight")
           part = part.T
         tensors[f"{_PREFIX}{m.to_torch(module, i)}.{pname}"] = np.ascontiguousarray(part)
+  kinds = {node.kind for _, node in adapted if node.kind != "full"}
+  kinds = {"lora" if k == "lora_init" else k for k in kinds}
+  if len(kinds) > 1:
+    raise SpecError("the tree mixes LoRA and DoRA adapters; PEFT stores one use_dora per adapter: "
+                    "wrap every module with jlora.DoRA, or every one with jlora.LoRA")
   config = _config_for(lora_modules, full_modules, m, leaves_by_module)
+  config["use_dora"] = kinds == {"dora"}
   return config, tensors
 
 
@@ -765,6 +780,12 @@ def _import(where: str, config: dict, tensors: dict[str, np.ndarray], params: An
       path = f"{module}/{leaf}" if module else leaf
       slot = lora.setdefault(path, {"A": {}, "B": {}, "module": module, "torch": torch_module})
       slot["A" if kind in ("lora_A.weight", "lora_embedding_A") else "B"][layer] = value
+    elif kind == "lora_magnitude_vector":
+      leaf = next((k for k, (pn, tr) in m.leaves.items() if pn == "weight" and tr and
+                   (f"{module}/{k}" if module else k) in index), "kernel")
+      path = f"{module}/{leaf}" if module else leaf
+      slot = lora.setdefault(path, {"A": {}, "B": {}, "module": module, "torch": torch_module})
+      slot.setdefault("M", {})[layer] = value
     elif kind.startswith("base_layer."):
       continue  # PEFT's copy of a targeted embedding's base; checked below
     else:
@@ -788,6 +809,18 @@ def _import(where: str, config: dict, tensors: dict[str, np.ndarray], params: An
     raise CheckpointError(f"{where} holds no lora_A / lora_B tensors")
   rank_pattern = config.get("rank_pattern") or {}
   alpha_pattern = config.get("alpha_pattern") or {}
+  use_dora = bool(config.get("use_dora", False))
+  for path, slot in lora.items():
+    got = set(slot.get("M", {}))
+    if use_dora and got != set(slot["A"]):
+      raise CheckpointError(
+          f"{where}: {CONFIG_NAME} says use_dora=true but {slot['torch']!r} has lora_magnitude_vector "
+          f"for layers {sorted(got, key=str)} and lora_A for {sorted(slot['A'], key=str)}; the file is "
+          "incomplete")
+    if not use_dora and got:
+      raise CheckpointError(
+          f"{where}: {slot['torch']!r} has a lora_magnitude_vector (a DoRA tensor) but {CONFIG_NAME} "
+          "says use_dora=false; the config and the weights disagree")
   out = list(leaves)
   for path, slot in lora.items():
     if path not in index:
@@ -811,8 +844,13 @@ def _import(where: str, config: dict, tensors: dict[str, np.ndarray], params: An
                             f"{want_rank} (r / rank_pattern); the config and the weights disagree")
     dtype = jnp.result_type(example.dtype)
     spec_dtype = None if dtype == _adapter_dtype(LoRA(rank), w.dtype) else jnp.dtype(dtype).name
+    if use_dora and not m.leaves.get(path.rpartition("/")[2], ("", False))[1]:
+      raise CheckpointError(f"{where}: {slot['torch']!r} is a DoRA embedding, which jlora does not "
+                            "read (DoRA is supported on Linear weights); convert it with PEFT's "
+                            "merge_and_unload first")
     try:
-      spec = LoRA(rank, alpha=None if alpha == rank else alpha, dropout=config.get("lora_dropout", 0.0),
+      spec = (DoRA if use_dora else LoRA)(
+          rank, alpha=None if alpha == rank else alpha, dropout=config.get("lora_dropout", 0.0),
                   init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
                   rslora=bool(config.get("use_rslora", False)), dtype=spec_dtype,
                   stack_axes=1 if stacked else None)
@@ -841,7 +879,17 @@ def _import(where: str, config: dict, tensors: dict[str, np.ndarray], params: An
       tgt = (layer,) if stacked else ()
       a[tgt] = A.T.reshape(in_shape + (rank,))
       b[tgt] = B.T.reshape((rank,) + out_shape)
-    out[index[path]] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), spec=spec, axes=axes)
+    if not use_dora:
+      out[index[path]] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), spec=spec, axes=axes)
+      continue
+    mag = np.zeros(((n_layers,) if stacked else ()) + out_shape, dtype)
+    for layer, M in slot["M"].items():
+      if M.shape != (n_out,):
+        raise CheckpointError(f"{where}: {m.to_torch(module, layer)}.lora_magnitude_vector has shape "
+                              f"{tuple(M.shape)}, but {path!r} of shape {shape} needs ({n_out},)")
+      mag[(layer,) if stacked else ()] = M.astype(dtype).reshape(out_shape)
+    out[index[path]] = DoraWeight(w=w, a=jnp.asarray(a), b=jnp.asarray(b), m=jnp.asarray(mag), spec=spec,
+                                  axes=axes, shape=shape)
   for path, layers in full.items():
     w = leaves[index[path]]
     if path in lora:
@@ -914,6 +962,8 @@ def _validate_lora(config: dict, f: str) -> None:
     if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                           and x > 0 for x in v.values()):
       raise CheckpointError(f"{f}: {field} must map patterns to positive numbers, got {v!r}")
+  if not isinstance(config.get("use_dora", False), bool) and config.get("use_dora") is not None:
+    raise CheckpointError(f"{f}: use_dora must be true or false, got {config['use_dora']!r}")
   for field, ok in _UNSUPPORTED.items():
     if field in config and config[field] not in ok:
       raise CheckpointError(f"{f}: {field}={config[field]!r} is not supported by jlora (it reads "
@@ -939,4 +989,5 @@ def _load_lora(config, tensors, params, m, where):
   return _import(where, config, tensors, params, m)
 
 
-register_codec(PeftCodec("LORA", ("lora", "lora_init"), _validate_lora, _load_lora, lambda tree, m: _export(tree, m)))
+register_codec(PeftCodec("LORA", ("lora", "lora_init", "dora"), _validate_lora, _load_lora,
+                         lambda tree, m: _export(tree, m)))

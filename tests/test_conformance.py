@@ -29,6 +29,7 @@ KEY = jax.random.key(0)
 CASES = {
     "lora": lambda stacked: jlora.LoRA(2, alpha=4, stack_axes=1 if stacked else None),
     "full": lambda stacked: jlora.Full(),
+    "dora": lambda stacked: jlora.DoRA(2, alpha=4, stack_axes=1 if stacked else None),
     "lora_init": lambda stacked: jlora.LoRA(2, alpha=4, init="pissa", stack_axes=1 if stacked else None),
 }
 

@@ -397,7 +397,8 @@ def test_bad_peft_files_are_clear_errors(llama, peft_llama, tmp_path):
   for field in ("peft_type", "r", "lora_alpha", "target_modules"):
     cases.append((_edit_config(_copy(good, tmp_path / f"no_{field}"), **{field: KeyError}),
                   rf"lacks the required field\(s\) \['{field}'\]"))
-  cases.append((_edit_config(_copy(good, tmp_path / "dora"), use_dora=True), "use_dora=True is not supported"))
+  cases.append((_edit_config(_copy(good, tmp_path / "dora"), use_dora=True), "says use_dora=true but"))
+  cases.append((_edit_config(_copy(good, tmp_path / "fifo"), fan_in_fan_out=True), "fan_in_fan_out=True is not supported"))
   cases.append((_edit_config(_copy(good, tmp_path / "pissa"), init_lora_weights="pissa"), "pissa"))
   cases.append((_edit_config(_copy(good, tmp_path / "rank"), r=8), "rank 4 but adapter_config.json says 8"))
   d = _copy(good, tmp_path / "json")

@@ -5,3 +5,5 @@ from jlora._methods.lora import FullWeight as FullWeight
 from jlora._methods.lora import LoRA as LoRA
 from jlora._methods.lora import LoraWeight as LoraWeight
 from jlora._methods.lora_init import LoraInitWeight as LoraInitWeight
+from jlora._methods.dora import DoRA as DoRA
+from jlora._methods.dora import DoraWeight as DoraWeight
