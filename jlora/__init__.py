@@ -29,6 +29,7 @@ from jlora._errors import ShardingError as ShardingError
 from jlora._errors import SpecError as SpecError
 from jlora._errors import TreeError as TreeError
 from jlora._lora import lora as lora
+from jlora._methods.ia3 import IA3 as IA3, IA3Weight as IA3Weight
 from jlora._rewrite import RewriteError as RewriteError
 from jlora._manager import CheckpointManager as CheckpointManager
 from jlora._manager import Restored as Restored
@@ -65,6 +66,7 @@ __version__ = "0.1.0"
 __all__ = sorted([
     "Adapter", "AdapterSpec", "Axes", "AxesError", "CheckpointError", "CheckpointManager",
     "ConfigError", "DataError", "FetchError", "Full", "FullWeight", "JloraError", "LoRA",
+    "IA3", "IA3Weight",
     "LoraWeight", "ModelError", "PeftMapping", "Restored", "RewriteError", "RuleError",
     "ShardingError", "SpecError", "Summary", "TrainState", "TrainStep", "TreeError",
     "adapted_leaves", "combine", "export_merged", "fingerprint", "is_adapted", "load_adapters",

@@ -29,6 +29,7 @@ KEY = jax.random.key(0)
 CASES = {
     "lora": lambda stacked: jlora.LoRA(2, alpha=4, stack_axes=1 if stacked else None),
     "full": lambda stacked: jlora.Full(),
+    "ia3": lambda stacked: jlora.IA3(feedforward=stacked, stack_axes=1 if stacked else None),
 }
 
 
