@@ -26,7 +26,8 @@ import numpy as np
 
 from jlora import _peft
 from jlora._adapter import (
-    Adapter, AdapterSpec, Axes, acc_dtype, group_shapes, infer_axes, is_adapted, register, vector_to_kernel,
+    Adapter, AdapterSpec, Axes, acc_dtype, group_shapes, infer_axes, is_adapted, register,
+    vector_to_kernel,
 )
 from jlora._errors import AxesError, CheckpointError, SpecError, TreeError
 from jlora._lazy import from_kernel
@@ -198,7 +199,8 @@ def _validate(config: dict, f: str) -> None:
                           "with PEFT, or add it")
   for field in ("target_modules", "feedforward_modules"):
     v = config.get(field)
-    if not (v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v))):
+    names = isinstance(v, list) and all(isinstance(t, str) for t in v)
+    if not (v is None or isinstance(v, str) or names):
       raise CheckpointError(f"{f}: {field} must be a list of names, a regex string or null, got {v!r}")
   tm, ff = config.get("target_modules"), config.get("feedforward_modules")
   if isinstance(tm, list) and isinstance(ff, list) and not set(ff) <= set(tm):
@@ -213,8 +215,9 @@ def _validate(config: dict, f: str) -> None:
     if field in config and config[field] not in ok:
       raise CheckpointError(f"{f}: {field}={config[field]!r} is not supported by jlora (it reads IA3 "
                             f"on torch Linear layers: {field} must be {ok[0]!r})")
-  if not isinstance(config.get("init_ia3_weights", True), bool):
-    raise CheckpointError(f"{f}: init_ia3_weights must be true or false, got {config['init_ia3_weights']!r}")
+  init = config.get("init_ia3_weights", True)
+  if not isinstance(init, bool):
+    raise CheckpointError(f"{f}: init_ia3_weights must be true or false, got {init!r}")
   mts = config.get("modules_to_save")
   if mts is not None and not (isinstance(mts, list) and all(isinstance(x, str) for x in mts)):
     raise CheckpointError(f"{f}: modules_to_save must be a list of module names or null, got {mts!r}")
@@ -233,8 +236,9 @@ def _feedforward_by_config(config: dict, torch_module: str) -> bool | None:
 def _leaf_named(m, module: str, index, pname: str, transpose: bool | None = None) -> str | None:
   """The leaf of ``module`` that the mapping gives torch parameter ``pname``, if the params have it."""
   for k, (pn, tr) in m.leaves.items():
-    if pn == pname and (transpose is None or tr == transpose) and (f"{module}/{k}" if module else k) in index:
-      return f"{module}/{k}" if module else k
+    path = f"{module}/{k}" if module else k
+    if pn == pname and transpose in (None, tr) and path in index:
+      return path
   return None
 
 
@@ -245,7 +249,8 @@ def _load(config, tensors, params, m, where):
     raise CheckpointError(f"{where} holds no {_KEY} tensors")
   by_module: dict[str, dict] = {}
   for torch_module, _, module, layer, value in adapter:
-    by_module.setdefault(module, {"torch": torch_module, "layers": {}})["layers"][layer] = (torch_module, value)
+    slot = by_module.setdefault(module, {"torch": torch_module, "layers": {}})
+    slot["layers"][layer] = (torch_module, value)
   out = list(leaves)
   adapted = set()
   for module, slot in by_module.items():
@@ -262,24 +267,27 @@ def _load(config, tensors, params, m, where):
     try:
       axes = infer_axes(path, tuple(w.shape), IA3(stack_axes=1 if stacked else None))
     except AxesError as e:
-      raise CheckpointError(f"{where}: cannot place the IA3 vector of {slot['torch']!r} on {path!r}: {e}") from None
+      raise CheckpointError(
+          f"{where}: cannot place the IA3 vector of {slot['torch']!r} on {path!r}: {e}") from None
     stack, ins, outs = group_shapes(tuple(w.shape), axes)
     n_in, n_out = math.prod(ins), math.prod(outs)
     ffs = set()
     for layer, (name, value) in slot["layers"].items():
-      fits = [ff for ff, want in ((False, (n_out, 1)), (True, (1, n_in))) if tuple(value.shape) == want]
+      shape = tuple(value.shape)
+      fits = [ff for ff, want in ((False, (n_out, 1)), (True, (1, n_in))) if shape == want]
       if not fits:
         raise CheckpointError(
-            f"{where}: {name}.{_KEY} has shape {tuple(value.shape)}, but {path!r} of shape "
-            f"{tuple(w.shape)} needs ({n_out}, 1), or (1, {n_in}) in feedforward_modules (a Conv or "
-            "Embedding IA3, which jlora does not read, has other shapes); is the adapter for this model?")
+            f"{where}: {name}.{_KEY} has shape {shape}, but {path!r} of shape "
+            f"{tuple(w.shape)} needs ({n_out}, 1), or (1, {n_in}) in feedforward_modules (a Conv "
+            "or Embedding IA3, which jlora does not read, has other shapes); is the adapter for "
+            "this model?")
       said = _feedforward_by_config(config, name)
       ff = fits[0] if len(fits) == 1 else bool(said)
       if said is not None and said != ff:
         raise CheckpointError(
-            f"{where}: {name}.{_KEY} has shape {tuple(value.shape)} ({'' if ff else 'not '}feed-forward) "
-            f"but feedforward_modules {config.get('feedforward_modules')!r} says "
-            f"{'it is' if said else 'it is not'}; the file and {_peft.CONFIG_NAME} disagree")
+            f"{where}: {name}.{_KEY} has shape {shape} ({'' if ff else 'not '}feed-forward) but "
+            f"feedforward_modules {config.get('feedforward_modules')!r} says it is"
+            f"{'' if said else ' not'}; the file and {_peft.CONFIG_NAME} disagree")
       if stacked and not 0 <= layer < stack[0]:
         raise CheckpointError(f"{where}: layer {layer} of {slot['torch']!r} is outside the params' "
                               f"{stack[0]} layers; is the adapter for this model?")
@@ -304,7 +312,8 @@ def _load(config, tensors, params, m, where):
         raise CheckpointError(f"{where}: bias {bias!r} of shape {tuple(b.shape)} does not fit the "
                               f"outputs {stack + outs} of {path!r}")
       bspec = IA3(dtype=spec_dtype, in_axes=(), out_axes=tuple(range(-len(outs), 0)))
-      out[index[bias]] = IA3Weight(b, jnp.asarray(l.copy()), spec=bspec, axes=infer_axes(bias, tuple(b.shape), bspec))
+      baxes = infer_axes(bias, tuple(b.shape), bspec)
+      out[index[bias]] = IA3Weight(b, jnp.asarray(l.copy()), spec=bspec, axes=baxes)
       adapted.add(bias)
   _peft._place_full(where, full, m, leaves, index, out, adapted)
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -347,19 +356,20 @@ def _save(tree, m):
           f"{m.modules[module]!r} ({'one layer axis' if stacked else 'no layer axis'}); wrap it with "
           f"stack_axes={1 if stacked else 'None'} or fix the mapping")
     if module in kernels:
-      raise SpecError(f"two IA3 kernels under torch module {m.modules[module]!r}; PEFT has one per module")
+      raise SpecError(f"two IA3 kernels under torch module {m.modules[module]!r}; PEFT has one "
+                      "per module")
     kernels[module] = (path, node)
     for i, part in _peft._layers(_peft._host(node.l), stacked):
       vec = part.reshape((1, -1) if node.feedforward else (-1, 1))
       tensors[f"{_peft._PREFIX}{m.to_torch(module, i)}.{_KEY}"] = np.ascontiguousarray(vec)
+  leaves_by_module = _peft._leaves_by_module(tree)
+  _check_biases(kernels, vectors, leaves_by_module, m)
   if not kernels:
     raise SpecError("PEFT's IA3 format needs at least one IA3 kernel (target_modules)")
   clash = sorted(set(kernels) & set(full_modules))
   if clash:
     raise SpecError(f"module {clash[0]!r} is both IA3-adapted and trained in full; PEFT cannot "
                     "save a module in target_modules and modules_to_save at once")
-  leaves_by_module = _peft._leaves_by_module(tree)
-  _check_biases(kernels, vectors, leaves_by_module, m)
   _peft._full_tensors(full_modules, m, leaves_by_module, tensors)
   short = _peft._short_names(m, leaves_by_module)
   ff = {mod for mod, (_, node) in kernels.items() if node.feedforward}
@@ -398,9 +408,8 @@ def _check_biases(kernels: dict, vectors: dict, leaves_by_module: dict, m) -> No
         raise SpecError(
             f"IA3 on {kpath!r} scales x @ W only, but PEFT's IA3 scales the Linear's whole output, "
             f"its bias {module}/{leaf} included, so PeftModel would compute something else. Wrap the "
-            f"bias too, with IA3(in_axes=(), out_axes=(-1,)){' and stack_axes=1' if m.stacked(module) else ''} "
-            "(its vector must equal the kernel's when saving), or export the merged model with "
-            "jlora.export_merged")
+            "bias too, with IA3(in_axes=(), out_axes=(-1,)) (its vector must equal the kernel's "
+            "when saving), or export the merged model with jlora.export_merged")
 
 
 def _feedforward_modules(chosen: set[str], m, short: dict[str, str]) -> list[str] | str:
