@@ -32,6 +32,8 @@ from jlora._lora import lora as lora
 from jlora._methods.lora_init import LoraInitWeight as LoraInitWeight
 from jlora._methods.dora import DoRA as DoRA
 from jlora._methods.dora import DoraWeight as DoraWeight
+from jlora._methods.ia3 import IA3 as IA3
+from jlora._methods.ia3 import IA3Weight as IA3Weight
 from jlora._rewrite import RewriteError as RewriteError
 from jlora._manager import CheckpointManager as CheckpointManager
 from jlora._manager import Restored as Restored
@@ -67,8 +69,9 @@ __version__ = "0.1.0"
 
 __all__ = sorted([
     "Adapter", "AdapterSpec", "Axes", "AxesError", "CheckpointError", "CheckpointManager",
-    "ConfigError", "DataError", "DoRA", "DoraWeight", "FetchError", "Full", "FullWeight", "JloraError",
-    "LoRA", "LoraInitWeight", "LoraWeight", "ModelError", "PeftMapping", "Restored", "RewriteError", "RuleError",
+    "ConfigError", "DataError", "DoRA", "DoraWeight", "FetchError", "Full", "FullWeight", "IA3",
+    "IA3Weight", "JloraError", "LoRA", "LoraInitWeight", "LoraWeight", "ModelError", "PeftMapping",
+    "Restored", "RewriteError", "RuleError",
     "ShardingError", "SpecError", "Summary", "TrainState", "TrainStep", "TreeError",
     "adapted_leaves", "combine", "export_merged", "fingerprint", "is_adapted", "load_adapters",
     "load_peft", "lora", "make_train_step", "merge", "optimizer", "peft_mapping",

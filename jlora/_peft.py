@@ -580,32 +580,9 @@ def _export(tree: Any, m: PeftMapping) -> tuple[dict, dict[str, np.ndarray]]:
   if clash:
     raise SpecError(f"module {clash[0]!r} is both LoRA-adapted and trained in full; PEFT cannot "
                     "save a module in target_modules and modules_to_save at once")
-  # Full modules: every parameter of the module (PEFT saves a whole copy).
-  leaves_by_module = collections.defaultdict(list)
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
-  for kp, x in flat:
-    module, leaf = _split_path(path_str(kp))
-    leaves_by_module[module].append((leaf, x))
-  for module in full_modules:
-    stacked = m.stacked(module)
-    for leaf, x in leaves_by_module[module]:
-      value = x.w if is_adapted(x) else x
-      if (is_adapted(x) and x.kind != "full") or value is None or not hasattr(value, "shape"):
-        raise TreeError(f"module {module!r} is in modules_to_save but its leaf {leaf!r} is "
-                        f"{type(x).__name__ if value is not None else 'missing'}; pass the whole tree")
-      if leaf not in m.leaves:
-        raise CheckpointError(f"the mapping has no torch parameter name for leaf {leaf!r} of {module!r}; "
-                              "add it to PeftMapping.leaves")
-      pname, transpose = m.leaves[leaf]
-      arr = _host(value)
-      for i, part in _layers(arr, stacked):
-        if transpose:
-          if part.ndim != 2:
-            raise SpecError(f"cannot export {module}/{leaf} of shape {arr.shape} as a torch Linear weight")
-          part = part.T
-        tensors[f"{_PREFIX}{m.to_torch(module, i)}.{pname}"] = np.ascontiguousarray(part)
-  kinds = {node.kind for _, node in adapted if node.kind != "full"}
-  kinds = {"lora" if k == "lora_init" else k for k in kinds}
+  leaves_by_module = _leaves_by_module(tree)
+  _full_tensors(full_modules, m, leaves_by_module, tensors)
+  kinds = {"lora" if node.kind == "lora_init" else node.kind for _, node in adapted if node.kind != "full"}
   if len(kinds) > 1:
     raise SpecError("the tree mixes LoRA and DoRA adapters; PEFT stores one use_dora per adapter: "
                     "wrap every module with jlora.DoRA, or every one with jlora.LoRA")
@@ -628,23 +605,8 @@ def _config_for(lora_modules: dict, full_modules: list[str], m: PeftMapping, lea
   alphas = collections.Counter(_num(s.effective_alpha) for s in specs)
   r = ranks.most_common(1)[0][0]
   alpha = alphas.most_common(1)[0][0]
-  # Every torch module the mapping knows (in this tree), for ambiguity checks.
-  known: dict[str, list[str]] = {}
-  for module in leaves_by_module:
-    if module in m.modules:
-      known[module] = [m.to_torch(module, 0 if m.stacked(module) else None)]
-  short = {mod: m.modules[mod].rsplit(".", 1)[-1] for mod in known}
-
-  def names_select_exactly(chosen: set[str]) -> bool:
-    wanted = {short[c] for c in chosen}
-    hits = {mod for mod, s in short.items() if s in wanted}
-    return hits == set(chosen)
-
-  lora_set = set(lora_modules)
-  if names_select_exactly(lora_set):
-    target_modules: Any = sorted({short[c] for c in lora_set})
-  else:
-    target_modules = "|".join(f"(?:{m.regex(c)})" for c in sorted(lora_set))
+  short = _short_names(m, leaves_by_module)
+  target_modules = _target_modules(set(lora_modules), m, short)
 
   def pattern(field_of, default) -> dict:
     # PEFT matches a key K against a module name N with re.match(rf"(.*\.)?({K})$", N), first key
@@ -669,21 +631,7 @@ def _config_for(lora_modules: dict, full_modules: list[str], m: PeftMapping, lea
   rank_pattern = pattern(lambda s: s.rank, r)
   alpha_pattern = pattern(lambda s: _num(s.effective_alpha), alpha)
   inits = {s.init for s in specs}
-  modules_to_save = None
-  if full_modules:
-    # PEFT matches modules_to_save by plain suffix (name.endswith(entry)): a short name when no
-    # other known module ends with it, else the full name of each module (each layer if stacked).
-    modules_to_save = []
-    others_of = lambda mod: [m.modules[o].replace("{i}", "0") for o in known if o != mod]  # noqa: E731
-    for mod in full_modules:
-      s = m.modules[mod].rsplit(".", 1)[-1]
-      if m.stacked(mod):
-        n = _layer_count(leaves_by_module[mod])
-        modules_to_save += [m.to_torch(mod, i) for i in range(n)]
-      elif any(o.endswith(s) for o in others_of(mod)):
-        modules_to_save.append(m.modules[mod])
-      else:
-        modules_to_save.append(s)
+  modules_to_save = _modules_to_save(full_modules, m, leaves_by_module)
   return {
       "peft_type": "LORA",
       "r": int(r),
@@ -702,6 +650,73 @@ def _config_for(lora_modules: dict, full_modules: list[str], m: PeftMapping, lea
       "layers_to_transform": None,
       "layers_pattern": None,
   }
+
+
+def _leaves_by_module(tree: Any) -> dict[str, list[tuple[str, Any]]]:
+  """jlora module path -> ``[(leaf name, leaf or adapter)]`` for every leaf of the tree."""
+  out = collections.defaultdict(list)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
+  for kp, x in flat:
+    module, leaf = _split_path(path_str(kp))
+    out[module].append((leaf, x))
+  return out
+
+
+def _full_tensors(full_modules: list[str], m: PeftMapping, leaves_by_module: dict,
+                  tensors: dict[str, np.ndarray]) -> None:
+  """Adds every parameter of each modules_to_save module to ``tensors`` (PEFT saves a whole copy)."""
+  for module in full_modules:
+    stacked = m.stacked(module)
+    for leaf, x in leaves_by_module[module]:
+      value = x.w if is_adapted(x) else x
+      if (is_adapted(x) and x.kind != "full") or value is None or not hasattr(value, "shape"):
+        raise TreeError(f"module {module!r} is in modules_to_save but its leaf {leaf!r} is "
+                        f"{type(x).__name__ if value is not None else 'missing'}; pass the whole tree")
+      if leaf not in m.leaves:
+        raise CheckpointError(f"the mapping has no torch parameter name for leaf {leaf!r} of {module!r}; "
+                              "add it to PeftMapping.leaves")
+      pname, transpose = m.leaves[leaf]
+      arr = _host(value)
+      for i, part in _layers(arr, stacked):
+        if transpose:
+          if part.ndim != 2:
+            raise SpecError(f"cannot export {module}/{leaf} of shape {arr.shape} as a torch Linear weight")
+          part = part.T
+        tensors[f"{_PREFIX}{m.to_torch(module, i)}.{pname}"] = np.ascontiguousarray(part)
+
+
+def _short_names(m: PeftMapping, leaves_by_module: dict) -> dict[str, str]:
+  """Every jlora module of the tree the mapping knows -> the last part of its torch name."""
+  return {mod: m.modules[mod].rsplit(".", 1)[-1] for mod in leaves_by_module if mod in m.modules}
+
+
+def _target_modules(chosen: set[str], m: PeftMapping, short: dict[str, str]) -> list[str] | str:
+  """PEFT's ``target_modules`` for the jlora modules ``chosen``: short names when they select
+  exactly those among the tree's known modules, else a full-match regular expression."""
+  wanted = {short[c] for c in chosen}
+  if {mod for mod, s in short.items() if s in wanted} == set(chosen):
+    return sorted(wanted)
+  return "|".join(f"(?:{m.regex(c)})" for c in sorted(chosen))
+
+
+def _modules_to_save(full_modules: list[str], m: PeftMapping, leaves_by_module: dict) -> list[str] | None:
+  """PEFT's ``modules_to_save`` for the modules trained in full (None when there are none)."""
+  if not full_modules:
+    return None
+  # PEFT matches modules_to_save by plain suffix (name.endswith(entry)): a short name when no
+  # other known module ends with it, else the full name of each module (each layer if stacked).
+  known = [mod for mod in leaves_by_module if mod in m.modules]
+  out = []
+  for mod in full_modules:
+    s = m.modules[mod].rsplit(".", 1)[-1]
+    others = [m.modules[o].replace("{i}", "0") for o in known if o != mod]
+    if m.stacked(mod):
+      out += [m.to_torch(mod, i) for i in range(_layer_count(leaves_by_module[mod]))]
+    elif any(o.endswith(s) for o in others):
+      out.append(m.modules[mod])
+    else:
+      out.append(s)
+  return out
 
 
 def _layer_count(leaves: list) -> int:
@@ -750,18 +765,29 @@ def _pattern_value(patterns: dict, name: str, default):
   return default
 
 
-def _import(where: str, config: dict, tensors: dict[str, np.ndarray], params: Any,
-            m: PeftMapping) -> Any:
+def _plain_leaves(params: Any) -> tuple[list, Any, dict[str, int]]:
+  """``(leaves, treedef, {path: position})`` of plain params (TreeError for a wrapped tree)."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapted)
-  paths = [path_str(kp) for kp, _ in flat]
   leaves = [x for _, x in flat]
   if any(is_adapted(x) for x in leaves):
     raise TreeError("load_peft needs the plain base params, not a wrapped tree; pass the params "
                     "you wrapped (or jlora.merge(tree) to stack a PEFT adapter on merged weights)")
-  index = {p: i for i, p in enumerate(paths)}
+  return leaves, treedef, {path_str(kp): i for i, (kp, _) in enumerate(flat)}
+
+
+def _sort_tensors(where: str, config: dict, tensors: dict[str, np.ndarray], m: PeftMapping,
+                  index: dict[str, int], kinds: tuple[str, ...]) -> tuple[list, dict]:
+  """Splits a PEFT file's tensors into the method's and the modules_to_save parameters.
+
+  Returns ``(adapter, full)``: ``adapter`` lists ``(torch module, kind, jlora module, layer,
+  value)`` for every tensor whose kind (``_split_name``'s second part) is in ``kinds``; ``full``
+  maps a jlora leaf path to ``{layer: (value, transpose)}``. PEFT's copies of a targeted base
+  (``base_layer.*``) are skipped. Raises CheckpointError for a key without PEFT's prefix, names
+  the mapping does not know, and full parameters of a module not in ``modules_to_save``.
+  """
   modules_to_save = config.get("modules_to_save") or []
-  lora: dict[str, dict] = {}  # jlora leaf path -> {"A": {layer: arr}, "B": {...}, "module", "torch"}
-  full: dict[str, dict] = {}  # jlora leaf path -> {layer: arr}
+  adapter: list[tuple] = []
+  full: dict[str, dict] = {}
   unknown = []
   for key, value in tensors.items():
     if not key.startswith(_PREFIX):
@@ -773,21 +799,10 @@ def _import(where: str, config: dict, tensors: dict[str, np.ndarray], params: An
       unknown.append(key)
       continue
     module, layer = found
-    if kind in ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"):
-      linear = kind in ("lora_A.weight", "lora_B.weight")
-      leaf = next((k for k, (pn, tr) in m.leaves.items() if pn == "weight" and tr == linear and
-                   (f"{module}/{k}" if module else k) in index), "kernel" if linear else "embedding")
-      path = f"{module}/{leaf}" if module else leaf
-      slot = lora.setdefault(path, {"A": {}, "B": {}, "module": module, "torch": torch_module})
-      slot["A" if kind in ("lora_A.weight", "lora_embedding_A") else "B"][layer] = value
-    elif kind == "lora_magnitude_vector":
-      leaf = next((k for k, (pn, tr) in m.leaves.items() if pn == "weight" and tr and
-                   (f"{module}/{k}" if module else k) in index), "kernel")
-      path = f"{module}/{leaf}" if module else leaf
-      slot = lora.setdefault(path, {"A": {}, "B": {}, "module": module, "torch": torch_module})
-      slot.setdefault("M", {})[layer] = value
+    if kind in kinds:
+      adapter.append((torch_module, kind, module, layer, value))
     elif kind.startswith("base_layer."):
-      continue  # PEFT's copy of a targeted embedding's base; checked below
+      continue  # PEFT's copy of a targeted embedding's base; see _check_base_layers
     else:
       leaf = next((k for k, (pn, _) in m.leaves.items() if pn == kind and
                    (f"{module}/{k}" if module else k) in index), None)
@@ -805,6 +820,56 @@ def _import(where: str, config: dict, tensors: dict[str, np.ndarray], params: An
         f"{where}: tensors {unknown[:3]}{' ...' if len(unknown) > 3 else ''} name torch modules the "
         "mapping does not know; pass mapping= for this model (jlora.PeftMapping({jlora module "
         "path: torch module name}))")
+  return adapter, full
+
+
+def _place_full(where: str, full: dict, m: PeftMapping, leaves: list, index: dict, out: list,
+                adapted) -> None:
+  """Puts :func:`_sort_tensors`' modules_to_save parameters into ``out`` as FullWeight leaves."""
+  for path, layers in full.items():
+    w = leaves[index[path]]
+    if path in adapted:
+      raise CheckpointError(f"{where}: {path!r} is both adapted and in modules_to_save")
+    module, _ = _split_path(path)
+    stacked = m.stacked(module)
+    base = _host(w)
+    value = base.copy()
+    for layer, (arr, transpose) in layers.items():
+      arr = arr.T if transpose and arr.ndim == 2 else arr
+      tgt = base[layer] if stacked else base
+      if arr.shape != tgt.shape:
+        raise CheckpointError(f"{where}: modules_to_save tensor for {path!r} (layer {layer}) has shape "
+                              f"{tuple(arr.shape)}, the params {tuple(tgt.shape)}")
+      if stacked:
+        value[layer] = arr.astype(base.dtype)
+      else:
+        value = arr.astype(base.dtype)
+    out[index[path]] = FullWeight(jnp.asarray(value))
+
+
+_LORA_KINDS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B",
+               "lora_magnitude_vector")
+
+
+def _import(where: str, config: dict, tensors: dict[str, np.ndarray], params: Any,
+            m: PeftMapping) -> Any:
+  leaves, treedef, index = _plain_leaves(params)
+  adapter, full = _sort_tensors(where, config, tensors, m, index, _LORA_KINDS)
+  lora: dict[str, dict] = {}  # jlora leaf path -> {"A": {layer: arr}, "B": {...}, "module", "torch"}
+  for torch_module, kind, module, layer, value in adapter:
+    if kind == "lora_magnitude_vector":  # DoRA: a Linear's magnitude, shape (out,)
+      leaf = next((k for k, (pn, tr) in m.leaves.items() if pn == "weight" and tr and
+                   (f"{module}/{k}" if module else k) in index), "kernel")
+      path = f"{module}/{leaf}" if module else leaf
+      slot = lora.setdefault(path, {"A": {}, "B": {}, "module": module, "torch": torch_module})
+      slot.setdefault("M", {})[layer] = value
+      continue
+    linear = kind in ("lora_A.weight", "lora_B.weight")
+    leaf = next((k for k, (pn, tr) in m.leaves.items() if pn == "weight" and tr == linear and
+                 (f"{module}/{k}" if module else k) in index), "kernel" if linear else "embedding")
+    path = f"{module}/{leaf}" if module else leaf
+    slot = lora.setdefault(path, {"A": {}, "B": {}, "module": module, "torch": torch_module})
+    slot["A" if kind in ("lora_A.weight", "lora_embedding_A") else "B"][layer] = value
   if not lora:
     raise CheckpointError(f"{where} holds no lora_A / lora_B tensors")
   rank_pattern = config.get("rank_pattern") or {}
@@ -890,25 +955,7 @@ def _import(where: str, config: dict, tensors: dict[str, np.ndarray], params: An
       mag[(layer,) if stacked else ()] = M.astype(dtype).reshape(out_shape)
     out[index[path]] = DoraWeight(w=w, a=jnp.asarray(a), b=jnp.asarray(b), m=jnp.asarray(mag), spec=spec,
                                   axes=axes, shape=shape)
-  for path, layers in full.items():
-    w = leaves[index[path]]
-    if path in lora:
-      raise CheckpointError(f"{where}: {path!r} is both LoRA-adapted and in modules_to_save")
-    module, _ = _split_path(path)
-    stacked = m.stacked(module)
-    base = _host(w)
-    value = base.copy()
-    for layer, (arr, transpose) in layers.items():
-      arr = arr.T if transpose and arr.ndim == 2 else arr
-      tgt = base[layer] if stacked else base
-      if arr.shape != tgt.shape:
-        raise CheckpointError(f"{where}: modules_to_save tensor for {path!r} (layer {layer}) has shape "
-                              f"{tuple(arr.shape)}, the params {tuple(tgt.shape)}")
-      if stacked:
-        value[layer] = arr.astype(base.dtype)
-      else:
-        value = arr.astype(base.dtype)
-    out[index[path]] = FullWeight(jnp.asarray(value))
+  _place_full(where, full, m, leaves, index, out, lora)
   _check_base_layers(tensors, m, leaves, index, where)
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -962,7 +1009,7 @@ def _validate_lora(config: dict, f: str) -> None:
     if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                           and x > 0 for x in v.values()):
       raise CheckpointError(f"{f}: {field} must map patterns to positive numbers, got {v!r}")
-  if not isinstance(config.get("use_dora", False), bool) and config.get("use_dora") is not None:
+  if config.get("use_dora") not in (True, False, None):
     raise CheckpointError(f"{f}: use_dora must be true or false, got {config['use_dora']!r}")
   for field, ok in _UNSUPPORTED.items():
     if field in config and config[field] not in ok:

@@ -31,6 +31,7 @@ CASES = {
     "full": lambda stacked: jlora.Full(),
     "dora": lambda stacked: jlora.DoRA(2, alpha=4, stack_axes=1 if stacked else None),
     "lora_init": lambda stacked: jlora.LoRA(2, alpha=4, init="pissa", stack_axes=1 if stacked else None),
+    "ia3": lambda stacked: jlora.IA3(feedforward=stacked, stack_axes=1 if stacked else None),
 }
 
 

@@ -392,8 +392,8 @@ def test_bad_peft_files_are_clear_errors(llama, peft_llama, tmp_path):
   d = _copy(good, tmp_path / "pickle")
   (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
   cases.append((d, "pickle"))
-  cases.append((_edit_config(_copy(good, tmp_path / "ia3"), peft_type="IA3"),
-                "peft_type 'IA3' is not supported"))
+  cases.append((_edit_config(_copy(good, tmp_path / "loha"), peft_type="LOHA"),
+                "peft_type 'LOHA' is not supported"))
   for field in ("peft_type", "r", "lora_alpha", "target_modules"):
     cases.append((_edit_config(_copy(good, tmp_path / f"no_{field}"), **{field: KeyError}),
                   rf"lacks the required field\(s\) \['{field}'\]"))

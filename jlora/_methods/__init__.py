@@ -7,3 +7,5 @@ from jlora._methods.lora import LoraWeight as LoraWeight
 from jlora._methods.lora_init import LoraInitWeight as LoraInitWeight
 from jlora._methods.dora import DoRA as DoRA
 from jlora._methods.dora import DoraWeight as DoraWeight
+from jlora._methods.ia3 import IA3 as IA3
+from jlora._methods.ia3 import IA3Weight as IA3Weight
