@@ -308,6 +308,48 @@ def test_full_and_bitfit_count_and_train(tiny, method):
   assert math.isfinite(res.metrics["test"]["loss"])
 
 
+@pytest.mark.parametrize("method,init", [("dora", "kaiming"), ("ia3", "kaiming"), ("lora", "pissa")])
+def test_protocol_methods_train_count_and_reload(tiny, method, init):
+  """method=dora|ia3 and init=pissa run end to end: counts from the shapes, the adapter reloads."""
+  cfg = load_config(overrides=tiny_cls_overrides(
+      tiny["root"], tiny["bert"], f"{method}_{init}", **{"method.name": method, "method.init": init,
+                                                         "resume": False, "train.max_steps": 2}))
+  res = train(cfg, log=_quiet)
+  params = _base_params(cfg)
+  tree = load_adapters(res.adapter_dir, params)
+  leaves = dict(jlora.adapted_leaves(tree))
+  kind = {"dora": jlora.DoraWeight, "ia3": jlora.IA3Weight, "lora": jlora.LoraInitWeight}[method]
+  adapted = {p: x for p, x in leaves.items() if not p.startswith("classifier/")}
+  assert adapted and all(isinstance(x, kind) for x in adapted.values())
+  head = sum(int(np.size(x.w)) for p, x in leaves.items() if p.startswith("classifier/"))
+  r = cfg.method.rank
+  want = 0
+  for p, x in adapted.items():
+    n_layers, n_in, n_out = x.shape
+    if method == "ia3":  # output/dense is feed-forward: one scale per input
+      want += n_layers * (n_in if p.endswith("output/dense/kernel") and "attention" not in p else n_out)
+    else:
+      want += n_layers * (r * (n_in + n_out) + (n_out if method == "dora" else 0))
+  assert res.trainable_params == want + head
+  moved = any(float(np.abs(np.asarray(x.merged()) - np.asarray(x.w)).max()) > 0 for x in adapted.values())
+  assert moved and math.isfinite(res.metrics["test"]["loss"])
+
+
+def test_build_rules_picks_each_methods_spec_and_ia3_targets():
+  params = {"layers": {m: {"kernel": jnp.zeros((2, 4, 4))} for m in ("q_proj", "k_proj", "v_proj", "down_proj")}}
+  rules = dict(build_rules(load_config(overrides=["method.name=ia3", "method.train_also=[]"]), params, "llama"))
+  assert sorted(rules) == ["layers/down_proj/kernel", "layers/k_proj/kernel", "layers/v_proj/kernel"]
+  assert rules["layers/down_proj/kernel"] == jlora.IA3(feedforward=True, stack_axes=1)
+  assert rules["layers/k_proj/kernel"] == jlora.IA3(stack_axes=1)
+  rules = dict(build_rules(load_config(overrides=["method.name=dora", "method.rank=2", "method.train_also=[]"]), params, "llama"))
+  assert set(rules) == {"layers/q_proj/kernel", "layers/v_proj/kernel"}
+  assert all(isinstance(s, jlora.DoRA) and s.rank == 2 for s in rules.values())
+  rules = dict(build_rules(load_config(overrides=["method.init=olora", "method.train_also=[]"]), params, "llama"))
+  assert {s.init for s in rules.values()} == {"olora"}
+  with pytest.raises(ConfigError, match="DoRA takes kaiming or gaussian"):
+    build_rules(load_config(overrides=["method.name=dora", "method.init=pissa", "method.train_also=[]"]), params, "llama")
+
+
 def test_bf16_and_remat_match_float32(tiny):
   losses = {}
   for name, extra in {"f32": {}, "bf16": {"model.dtype": "bfloat16"},
