@@ -332,7 +332,18 @@ def _jax_net(params, x):
   return h @ params["out"]["kernel"] + params["out"]["bias"]
 
 
-def test_a_users_own_model_with_a_mapping(tmp_path):
+_USER_CONFIGS = {
+    "lora": lambda: peft.LoraConfig(r=2, lora_alpha=3, target_modules=["fc1"], modules_to_save=["head"],
+                                    init_lora_weights=False),
+    "dora": lambda: peft.LoraConfig(r=2, lora_alpha=3, target_modules=["fc1"], modules_to_save=["head"],
+                                    init_lora_weights=False, use_dora=True),
+    "ia3": lambda: peft.IA3Config(target_modules=["fc1"], feedforward_modules=[], modules_to_save=["head"],
+                                  init_ia3_weights=False),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_USER_CONFIGS))
+def test_a_users_own_model_with_a_mapping(tmp_path, method):
   torch.manual_seed(5)
   net = _Net()
   sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
@@ -341,14 +352,19 @@ def test_a_users_own_model_with_a_mapping(tmp_path):
             "out": {"kernel": jnp.asarray(sd["head.weight"].T), "bias": jnp.asarray(sd["head.bias"])}}
   mapping = _peft.PeftMapping({"enc/fc1": "encoder.fc1", "out": "head"})
   x = np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32)
-  pm = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=3, target_modules=["fc1"],
-                                                modules_to_save=["head"], init_lora_weights=False))
+  with torch.no_grad():
+    base = net(torch.tensor(x)).numpy()
+  pm = peft.get_peft_model(net, _USER_CONFIGS[method]())
   _perturb_copies(pm, ["head"])
   pm.save_pretrained(tmp_path / "theirs")
   with torch.no_grad():
     want = pm(torch.tensor(x)).numpy()
   tree = load_peft(tmp_path / "theirs", params, mapping=mapping)
+  kinds = {type(v).__name__ for _, v in jlora.adapted_leaves(tree)}
+  assert kinds == {"FullWeight", {"lora": "LoraWeight", "dora": "DoraWeight", "ia3": "IA3Weight"}[method]}
+  assert _max_diff(want, base) > 0.05
   assert _max_diff(_jax_net(jlora.merge(tree), x), want) <= 1e-5
+  assert _max_diff(jlora.lora(_jax_net)(tree, x), want) <= 1e-5
   with pytest.raises(jlora.CheckpointError, match="mapping"):
     load_peft(tmp_path / "theirs", params)  # no built-in mapping names encoder.fc1
   out = save_peft(tmp_path / "ours", tree, mapping={"enc/fc1": "encoder.fc1", "out": "head"})
