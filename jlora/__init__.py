@@ -34,6 +34,8 @@ from jlora._methods.dora import DoRA as DoRA
 from jlora._methods.dora import DoraWeight as DoraWeight
 from jlora._methods.ia3 import IA3 as IA3
 from jlora._methods.ia3 import IA3Weight as IA3Weight
+from jlora._methods.vera import VeRA as VeRA
+from jlora._methods.vera import VeraWeight as VeraWeight
 from jlora._rewrite import RewriteError as RewriteError
 from jlora._manager import CheckpointManager as CheckpointManager
 from jlora._manager import Restored as Restored
@@ -71,7 +73,7 @@ __all__ = sorted([
     "Adapter", "AdapterSpec", "Axes", "AxesError", "CheckpointError", "CheckpointManager",
     "ConfigError", "DataError", "DoRA", "DoraWeight", "FetchError", "Full", "FullWeight", "IA3",
     "IA3Weight", "JloraError", "LoRA", "LoraInitWeight", "LoraWeight", "ModelError", "PeftMapping",
-    "Restored", "RewriteError", "RuleError",
+    "Restored", "RewriteError", "RuleError", "VeRA", "VeraWeight",
     "ShardingError", "SpecError", "Summary", "TrainState", "TrainStep", "TreeError",
     "adapted_leaves", "combine", "export_merged", "fingerprint", "is_adapted", "load_adapters",
     "load_peft", "lora", "make_train_step", "merge", "optimizer", "peft_mapping",

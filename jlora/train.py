@@ -714,6 +714,9 @@ def _method_spec(me: Any, stack_axes: int | None, feedforward: bool) -> Any:
   if me.name == "ia3":
     return jlora.IA3(feedforward=feedforward, stack_axes=stack_axes)
   if me.name == "vera":
+    if me.init != "kaiming":
+      raise ConfigError(f"method.init={me.init} is a LoRA init; VeRA draws fixed Kaiming-uniform "
+                        "projections and trains vectors: leave method.init at kaiming.")
     return jlora.VeRA(me.rank, dropout=me.dropout, stack_axes=stack_axes)
   if me.name == "dora":
     if me.init not in ("kaiming", "gaussian"):

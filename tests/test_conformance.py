@@ -32,6 +32,7 @@ CASES = {
     "dora": lambda stacked: jlora.DoRA(2, alpha=4, stack_axes=1 if stacked else None),
     "lora_init": lambda stacked: jlora.LoRA(2, alpha=4, init="pissa", stack_axes=1 if stacked else None),
     "ia3": lambda stacked: jlora.IA3(feedforward=stacked, stack_axes=1 if stacked else None),
+    "vera": lambda stacked: jlora.VeRA(3, stack_axes=1 if stacked else None),
 }
 
 

@@ -308,9 +308,10 @@ def test_full_and_bitfit_count_and_train(tiny, method):
   assert math.isfinite(res.metrics["test"]["loss"])
 
 
-@pytest.mark.parametrize("method,init", [("dora", "kaiming"), ("ia3", "kaiming"), ("lora", "pissa")])
+@pytest.mark.parametrize("method,init", [("dora", "kaiming"), ("ia3", "kaiming"), ("vera", "kaiming"),
+                                         ("lora", "pissa")])
 def test_protocol_methods_train_count_and_reload(tiny, method, init):
-  """method=dora|ia3 and init=pissa run end to end: counts from the shapes, the adapter reloads."""
+  """method=dora|ia3|vera and init=pissa run end to end: counts from the shapes, the adapter reloads."""
   cfg = load_config(overrides=tiny_cls_overrides(
       tiny["root"], tiny["bert"], f"{method}_{init}", **{"method.name": method, "method.init": init,
                                                          "resume": False, "train.max_steps": 2}))
@@ -318,7 +319,8 @@ def test_protocol_methods_train_count_and_reload(tiny, method, init):
   params = _base_params(cfg)
   tree = load_adapters(res.adapter_dir, params)
   leaves = dict(jlora.adapted_leaves(tree))
-  kind = {"dora": jlora.DoraWeight, "ia3": jlora.IA3Weight, "lora": jlora.LoraInitWeight}[method]
+  kind = {"dora": jlora.DoraWeight, "ia3": jlora.IA3Weight, "vera": jlora.VeraWeight,
+          "lora": jlora.LoraInitWeight}[method]
   adapted = {p: x for p, x in leaves.items() if not p.startswith("classifier/")}
   assert adapted and all(isinstance(x, kind) for x in adapted.values())
   head = sum(int(np.size(x.w)) for p, x in leaves.items() if p.startswith("classifier/"))
@@ -328,6 +330,8 @@ def test_protocol_methods_train_count_and_reload(tiny, method, init):
     n_layers, n_in, n_out = x.shape
     if method == "ia3":  # output/dense is feed-forward: one scale per input
       want += n_layers * (n_in if p.endswith("output/dense/kernel") and "attention" not in p else n_out)
+    elif method == "vera":  # lambda_d (r) and lambda_b (out) per layer; the projections are frozen
+      want += n_layers * (r + n_out)
     else:
       want += n_layers * (r * (n_in + n_out) + (n_out if method == "dora" else 0))
   assert res.trainable_params == want + head
@@ -344,10 +348,14 @@ def test_build_rules_picks_each_methods_spec_and_ia3_targets():
   rules = dict(build_rules(load_config(overrides=["method.name=dora", "method.rank=2", "method.train_also=[]"]), params, "llama"))
   assert set(rules) == {"layers/q_proj/kernel", "layers/v_proj/kernel"}
   assert all(isinstance(s, jlora.DoRA) and s.rank == 2 for s in rules.values())
+  rules = dict(build_rules(load_config(overrides=["method.name=vera", "method.rank=16", "method.train_also=[]"]), params, "llama"))
+  assert rules == {"layers/q_proj/kernel": jlora.VeRA(16, stack_axes=1), "layers/v_proj/kernel": jlora.VeRA(16, stack_axes=1)}
   rules = dict(build_rules(load_config(overrides=["method.init=olora", "method.train_also=[]"]), params, "llama"))
   assert {s.init for s in rules.values()} == {"olora"}
   with pytest.raises(ConfigError, match="DoRA takes kaiming or gaussian"):
     build_rules(load_config(overrides=["method.name=dora", "method.init=pissa", "method.train_also=[]"]), params, "llama")
+  with pytest.raises(ConfigError, match="VeRA draws fixed Kaiming-uniform"):
+    build_rules(load_config(overrides=["method.name=vera", "method.init=gaussian", "method.train_also=[]"]), params, "llama")
 
 
 def test_bf16_and_remat_match_float32(tiny):

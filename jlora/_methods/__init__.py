@@ -9,3 +9,5 @@ from jlora._methods.dora import DoRA as DoRA
 from jlora._methods.dora import DoraWeight as DoraWeight
 from jlora._methods.ia3 import IA3 as IA3
 from jlora._methods.ia3 import IA3Weight as IA3Weight
+from jlora._methods.vera import VeRA as VeRA
+from jlora._methods.vera import VeraWeight as VeraWeight
