@@ -339,6 +339,8 @@ _USER_CONFIGS = {
                                     init_lora_weights=False, use_dora=True),
     "ia3": lambda: peft.IA3Config(target_modules=["fc1"], feedforward_modules=[], modules_to_save=["head"],
                                   init_ia3_weights=False),
+    "vera": lambda: peft.VeraConfig(r=4, target_modules=["fc1"], modules_to_save=["head"],
+                                    init_weights=False),  # lambda_b ones, lambda_d random
 }
 
 
@@ -361,7 +363,8 @@ def test_a_users_own_model_with_a_mapping(tmp_path, method):
     want = pm(torch.tensor(x)).numpy()
   tree = load_peft(tmp_path / "theirs", params, mapping=mapping)
   kinds = {type(v).__name__ for _, v in jlora.adapted_leaves(tree)}
-  assert kinds == {"FullWeight", {"lora": "LoraWeight", "dora": "DoraWeight", "ia3": "IA3Weight"}[method]}
+  assert kinds == {"FullWeight", {"lora": "LoraWeight", "dora": "DoraWeight", "ia3": "IA3Weight",
+                                      "vera": "VeraWeight"}[method]}
   assert _max_diff(want, base) > 0.05
   assert _max_diff(_jax_net(jlora.merge(tree), x), want) <= 1e-5
   assert _max_diff(jlora.lora(_jax_net)(tree, x), want) <= 1e-5
