@@ -75,6 +75,7 @@ def main() -> None:
     rows[name] = row(name, cfg, res.trainable_params, res.total_params, res.metrics, res.step,
                      res.train_seconds, res.wall_seconds, cpu, res.adapter_bytes)
     rows[name]["process_cpu_seconds"] = time.process_time() - cpu0
+    rows[name]["load_average_at_end"] = os.getloadavg()[0]
     write(rows, out_json)
 
 
@@ -108,6 +109,21 @@ def cfg_key(cfg) -> dict:
   return d
 
 
+_NOTE = (
+    "Step times compare only between rows measured at a similar load (the `load at end` column: "
+    "the machine's 1-minute load average when the run ended, on 2 CPUs). Rows with `n/a` there "
+    "(full, bitfit) were run on a machine shared with up to 8 other jobs (load ~10), so their wall "
+    "times are several times what they take alone; their CPU seconds are the run's own. The LoRA "
+    "default job rerun alone from a fresh clone: `default_job.txt`. VeRA's saved size holds its "
+    "frozen projections too (rank * (in + out) numbers per adapted kernel, so that an adapter read "
+    "from PEFT restores exactly), besides the trained vectors.")
+
+
+def _load(r: dict) -> str:
+  v = r.get("load_average_at_end")
+  return "n/a" if v is None else f"{v:.1f}"
+
+
 def write(rows: dict, out_json: Path) -> None:
   meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs visible",
           "load_average_at_end": os.getloadavg(),
@@ -123,8 +139,9 @@ def write(rows: dict, out_json: Path) -> None:
       "customary learning rate. Produced by `python experiments/run_methods.py`.",
       "",
       "| method | lr | trainable params | trainable % | val acc | test acc | test F1 | "
-      "test ROC-AUC | train s (wall) | ms/step (train s / steps: compile and eval included) | CPU s | saved size |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "test ROC-AUC | train s (wall) | ms/step (train s / steps: compile and eval included) | CPU s | "
+      "load at end | saved size |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows.values():
     lines.append(
@@ -132,9 +149,9 @@ def write(rows: dict, out_json: Path) -> None:
         f"{r['trainable_percent']:.3f} | {r['validation_accuracy']:.4f} | "
         f"{r['test_accuracy']:.4f} | {r['test_f1']:.4f} | {r['test_roc_auc']:.4f} | "
         f"{r['train_seconds']:.0f} | {r.get('step_ms', 1000.0 * r['train_seconds'] / r['steps']):.0f} | "
-        f"{_num(r['cpu_seconds'])} | {r['saved_bytes'] / 1e6:.2f} MB |")
+        f"{_num(r['cpu_seconds'])} | {_load(r)} | {r['saved_bytes'] / 1e6:.2f} MB |")
   lines += ["", f"Machine: {meta['machine']}; load average at the end {meta['load_average_at_end']}. "
-            + meta["note"], ""]
+            + meta["note"], "", _NOTE, ""]
   out_json.with_suffix(".md").write_text("\n".join(lines))
 
 
