@@ -37,6 +37,13 @@ from jlora._methods.ia3 import IA3Weight as IA3Weight
 from jlora._methods.vera import VeRA as VeRA
 from jlora._methods.vera import VeraWeight as VeraWeight
 from jlora._rewrite import RewriteError as RewriteError
+from jlora._quant import FP4 as FP4
+from jlora._quant import NF4 as NF4
+from jlora._quant import Int8 as Int8
+from jlora._quant import QuantizationError as QuantizationError
+from jlora._quant import QuantizedArray as QuantizedArray
+from jlora._quant import is_quantized as is_quantized
+from jlora._quant import quantize as quantize
 from jlora._manager import CheckpointManager as CheckpointManager
 from jlora._manager import Restored as Restored
 from jlora._optim import optimizer as optimizer
@@ -73,7 +80,8 @@ __all__ = sorted([
     "Adapter", "AdapterSpec", "Axes", "AxesError", "CheckpointError", "CheckpointManager",
     "ConfigError", "DataError", "DoRA", "DoraWeight", "FetchError", "Full", "FullWeight", "IA3",
     "IA3Weight", "JloraError", "LoRA", "LoraInitWeight", "LoraWeight", "ModelError", "PeftMapping",
-    "Restored", "RewriteError", "RuleError", "VeRA", "VeraWeight",
+    "Restored", "RewriteError", "RuleError", "VeRA", "VeraWeight", "NF4", "FP4", "Int8",
+    "QuantizationError", "QuantizedArray", "is_quantized", "quantize",
     "ShardingError", "SpecError", "Summary", "TrainState", "TrainStep", "TreeError",
     "adapted_leaves", "combine", "export_merged", "fingerprint", "is_adapted", "load_adapters",
     "load_peft", "lora", "make_train_step", "merge", "optimizer", "peft_mapping",

@@ -130,6 +130,9 @@ class Adapter:
   frozen: ClassVar[tuple[str, ...]] = ("w",)
   trainable: ClassVar[tuple[str, ...]] = ()
   saved: ClassVar[tuple[str, ...] | None] = None
+  # True where ``lazy()`` reads the base's values (DoRA's column norm): a quantised base is then
+  # dequantised before ``lazy()`` instead of at each contraction.
+  lazy_reads_base: ClassVar[bool] = False
 
   def __init__(self, *, spec: Any, axes: Axes | None, shape: tuple[int, ...], **children):
     names = self.children()

@@ -32,10 +32,11 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from jlora._adapter import is_adapted
+from jlora._adapter import Axes, is_adapted
 from jlora._errors import JloraError, TreeError
-from jlora._lazy import Lazy, Term
+from jlora._lazy import Lazy, Term, from_kernel
 from jlora._paths import path_str
+from jlora._quant import QuantizedArray, is_quantized
 
 try:  # name stacks make profiles and HLO readable; optional
   from jax._src import source_info_util as _siu
@@ -53,6 +54,87 @@ class RewriteError(JloraError, ValueError):
 
 # -- the lazy value ---------------------------------------------------------------------------
 
+
+
+class _QBase:
+  """A quantised frozen base whose dequantisation waits for its use.
+
+  Shape-only operations on the lazy value queue up in ``ops`` (each an
+  equation and its other operands) and run after :meth:`realise` dequantises,
+  so a stacked base sliced by ``lax.scan`` is dequantised one layer at a time,
+  inside the loop body, where a contraction consumes it.
+  """
+
+  __slots__ = ("q", "ops", "shape", "dtype")
+
+  def __init__(self, q: QuantizedArray, ops=(), shape=None, dtype=None):
+    self.q, self.ops = q, tuple(ops)
+    self.shape = tuple(q.shape if shape is None else shape)
+    self.dtype = jnp.dtype(q.dtype if dtype is None else dtype)
+
+  def then(self, eqn, rest) -> _QBase:
+    aval = eqn.outvars[0].aval
+    return _QBase(self.q, self.ops + ((eqn, tuple(rest)),), aval.shape, aval.dtype)
+
+  def realise(self) -> jax.Array:
+    x = self.q.dequantize()
+    for eqn, rest in self.ops:
+      x = _bind(eqn, [x, *rest])
+    return x
+
+  def elementwise(self) -> bool:
+    """True when every queued op is elementwise (commutes with slicing a stacked layer out)."""
+    return all(e.primitive.name in _ELEMENTWISE for e, _ in self.ops)
+
+  def unstacked(self, sliced: QuantizedArray) -> _QBase:
+    """This base for one layer of its leading stacked axis, from that layer's codes (``sliced``:
+    the children cut by ``lax.scan``, under the stacked static fields)."""
+    q, ax = self.q, self.q.axes
+    q_children = (sliced.data, sliced.absmax, sliced.absmax2, sliced.offset)
+    axes = Axes(tuple(i - 1 for i in ax.stack[1:]), tuple(i - 1 for i in ax.inputs),
+                tuple(i - 1 for i in ax.outputs))
+    one = QuantizedArray(*q_children, spec=q.spec, axes=axes, shape=q.shape[1:], dtype=q.dtype)
+    return _QBase(one, self.ops, self.shape[1:], self.dtype)
+
+
+_ELEMENTWISE = frozenset({"convert_element_type", "copy", "copy_p", "stop_gradient"})
+
+
+def _real(base) -> jax.Array:
+  """The base as an array (dequantised where it is a :class:`_QBase`)."""
+  return base.realise() if isinstance(base, _QBase) else base
+
+
+def _bind_q(eqn, operands, qpos: int) -> jax.Array:
+  """``eqn`` on ``operands`` whose ``qpos``-th is a :class:`_QBase`, for a contraction linear in
+  the others: the dequantised weight is recomputed for the backward pass rather than kept, so
+  only the packed codes are residuals (the weight of one layer exists only while it is used)."""
+  qb = operands[qpos]
+  others = [o for i, o in enumerate(operands) if i != qpos]
+  leaves, tdef = jax.tree_util.tree_flatten(qb.q)
+  shapes = [(jnp.shape(o), jnp.result_type(o)) for o in others]
+
+  def run(others, leaves):
+    w = _QBase(jax.tree_util.tree_unflatten(tdef, leaves), qb.ops, qb.shape, qb.dtype).realise()
+    ops = list(others)
+    ops.insert(qpos, w)
+    return _bind(eqn, ops)
+
+  @jax.custom_vjp
+  def contract(others, leaves):
+    return run(others, leaves)
+
+  def fwd(others, leaves):
+    return run(others, leaves), leaves
+
+  def bwd(leaves, g):
+    zeros = [jnp.zeros(sh, dt) for sh, dt in shapes]  # the op is linear in them: any point works
+    _, vjp = jax.vjp(lambda o: run(o, leaves), zeros)
+    (d_others,) = vjp(g)
+    return d_others, [None] * len(leaves)
+
+  contract.defvjp(fwd, bwd)
+  return contract(others, leaves)
 
 
 def _axes_of(sides: Sequence[str], factor: str) -> list[int]:
@@ -102,7 +184,7 @@ def _delta(lz: Lazy) -> jax.Array:
 
 def _materialise(lz: Lazy) -> jax.Array:
   acc = _acc(lz.base.dtype, *[x.dtype for x in lz.lefts() + lz.rights()])
-  out = lz.base.astype(acc)
+  out = _real(lz.base).astype(acc)
   if lz.u is not None:
     out = out * _side_full(lz.u, lz.sides, "a").astype(acc)
   if lz.terms:
@@ -149,21 +231,34 @@ def lift(fn: Callable[..., Any], *, strict: bool, unroll: bool = False) -> Calla
   XLA's cost analysis counts a loop body once).
   """
   def lifted(*args, lora_key=None, **kwargs):
-    flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_adapted)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        (args, kwargs), is_leaf=lambda x: is_adapted(x) or is_quantized(x))
     dyn_pos, dyn_vals, lazies = [], [], {}
     static = [None] * len(flat)
     for i, (kp, leaf) in enumerate(flat):
+      if is_quantized(leaf):  # a frozen quantised base: dequantised where it is used
+        lz = from_kernel(leaf, leaf.axes, path=_user_path(kp, path_str))
+        lazies[len(dyn_vals)] = lz.replace(base=_QBase(lz.base))
+        dyn_pos.append(i)
+        dyn_vals.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+        continue
+      if is_adapted(leaf) and is_quantized(leaf.w) and type(leaf).lazy_reads_base:
+        leaf = leaf.replace(w=leaf.w.dequantize())
       if is_adapted(leaf):
         where = _user_path(kp, path_str)
         leaf.require(f"jlora.lora: the adapter at {where!r}")
         lz = leaf.lazy(where)
         if lz is not None:
+          if is_quantized(lz.base):
+            lz = lz.replace(base=_QBase(lz.base))
           lazies[len(dyn_vals)] = lz
           dyn_pos.append(i)
-          dyn_vals.append(leaf.w)
+          dyn_vals.append(jax.ShapeDtypeStruct(lz.shape, lz.base.dtype) if isinstance(lz.base, _QBase)
+                          else leaf.w)
         else:
           dyn_pos.append(i)
-          dyn_vals.append(leaf.merged())
+          dyn_vals.append(leaf.replace(w=leaf.w.dequantize()).merged() if is_quantized(leaf.w)
+                          else leaf.merged())
       elif isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
         dyn_pos.append(i)
         dyn_vals.append(leaf)
@@ -271,7 +366,9 @@ def _apply_rule(eqn, invals, ctx: _Ctx):
   return _bind(eqn, invals)
 
 
-def _bind_base(eqn, lz: Lazy, rest) -> jax.Array:
+def _bind_base(eqn, lz: Lazy, rest):
+  if isinstance(lz.base, _QBase):
+    return lz.base.then(eqn, rest)
   return _bind(eqn, [lz.base, *rest])
 
 
@@ -427,18 +524,18 @@ def _arith(eqn, invals, ctx):
     return tuple(t._replace(a=(t.a * jnp.asarray(factor).astype(t.a.dtype)).astype(t.a.dtype))
                  for t in lz.terms)
   if name == "neg":
-    return lz.replace(base=_bind(eqn, [lz.base]), terms=tuple(t._replace(a=-t.a) for t in lz.terms))
+    return lz.replace(base=_bind(eqn, [_real(lz.base)]), terms=tuple(t._replace(a=-t.a) for t in lz.terms))
   (c,) = others
   if name in ("add", "sub"):
     if (jnp.shape(c) != lz.shape and jnp.ndim(c) != 0) or lz.u is not None or lz.v is not None:
       return None
-    base = _bind(eqn, [x.base if _is_lazy(x) else x for x in invals])
+    base = _bind(eqn, [_real(x.base) if _is_lazy(x) else x for x in invals])
     if name == "sub" and i == 1:
       return lz.replace(base=base, terms=tuple(t._replace(a=-t.a) for t in lz.terms))
     return lz.replace(base=base)
   if jnp.ndim(c) != 0 or (name == "div" and i == 1):
     return None  # only scaling by a scalar keeps the update low-rank
-  base = _bind(eqn, [x.base if _is_lazy(x) else x for x in invals])
+  base = _bind(eqn, [_real(x.base) if _is_lazy(x) else x for x in invals])
   c = jnp.asarray(c)
   return lz.replace(base=base, terms=scale_terms(c if name == "mul" else 1 / c))
 
@@ -546,7 +643,10 @@ def _c_dot_general(eqn, invals, ctx):
   if where.get("v", ("",))[0] == "x":
     x = _scale_by(x, xl, lz.v, where["v"][1])
   xb = _scale_by(x, xl, lz.u, where["u"][1]) if where.get("u", ("",))[0] == "x" else x
-  base_out = _bind(eqn, [xb, lz.base] if lz_rhs else [lz.base, xb])
+  if isinstance(lz.base, _QBase):
+    base_out = _bind_q(eqn, [xb, lz.base] if lz_rhs else [lz.base, xb], 1 if lz_rhs else 0)
+  else:
+    base_out = _bind(eqn, [xb, lz.base] if lz_rhs else [lz.base, xb])
   if where.get("u", ("",))[0] == "out":
     base_out = _scale_by(base_out, out, lz.u, where["u"][1])
   y = base_out
@@ -568,7 +668,7 @@ def _c_conv(eqn, invals, ctx):
   out_dim = dn.rhs_spec[0]
   if any((s != "R") if i == out_dim else (s != "L") for i, s in enumerate(rhs.sides)):
     return None
-  y = _bind(eqn, [lhs, rhs.base])
+  y = _bind_q(eqn, [lhs, rhs.base], 1) if isinstance(rhs.base, _QBase) else _bind(eqn, [lhs, rhs.base])
   f = dn.out_spec[1]
   for term in rhs.terms:
     cd = _compute_dtype(term, lhs)
@@ -606,7 +706,7 @@ def _c_gather(eqn, invals, ctx):
       return None  # the index couples both factors
   gathered = [f for f in ("a", "b") if plan[f] == "gather"]
   batch_side = "S" if len(gathered) == 2 else ("L" if gathered == ["a"] else "R")
-  base_out = _bind(eqn, [op.base, idx])
+  base_out = _bind(eqn, [_real(op.base), idx])
 
   out_ndim = nbatch + sum(1 for d in range(op.ndim) if d not in collapsed)
   offset_dims = tuple(dn.offset_dims)
@@ -720,7 +820,11 @@ def _r_scan(eqn, invals, ctx):
   for x in xs:
     if _is_lazy(x):
       s0 = x.sides[0]
-      parts = {"base": x.base}
+      b = x.base
+      if isinstance(b, _QBase) and b.elementwise() and b.q.axes.stack[:1] == (0,):
+        parts = {"q": list(jax.tree_util.tree_flatten(b.q)[0])}  # sliced codes: one layer per step
+      else:
+        parts = {"base": _real(b)}
       if s0 != "R":
         parts["a"] = x.lefts()
       if s0 != "L":
@@ -745,8 +849,13 @@ def _r_scan(eqn, invals, ctx):
         vals.append(x)
       else:
         lz, s0 = rb
+        if "q" in x:
+          q_tdef = jax.tree_util.tree_structure(lz.base.q)
+          base = lz.base.unstacked(jax.tree_util.tree_unflatten(q_tdef, x["q"]))
+        else:
+          base = x["base"]
         vals.append(lz.with_sides(x.get("a", lz.lefts()), x.get("b", lz.rights()),
-                                  base=x["base"], sides=lz.sides[1:]))
+                                  base=base, sides=lz.sides[1:]))
     sub = ctx.child(key)
     outs = _eval(jaxpr, jconsts, vals, sub)
     outs = _concrete_outs(outs, sub, "a scan body")

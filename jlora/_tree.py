@@ -59,8 +59,11 @@ def wrap(params: Any, rules: Rules, *, key: jax.Array) -> Any:
     >>> bool(jnp.array_equal(jlora.merge(tree)["dense"]["kernel"], params["dense"]["kernel"]))
     True
   """
+  from jlora._quant import is_quantized  # noqa: PLC0415 - _quant imports this module's helpers
+
   compiled = normalise_rules(rules)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapted)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
   paths = [path_str(kp) for kp, _ in flat]
   for path, (_, leaf) in zip(paths, flat):
     if is_adapted(leaf):
@@ -117,8 +120,11 @@ def split(tree: Any) -> tuple[Any, Any]:
       return x.replace(**{n: None for n in x.children() if n not in names})
     return go
 
-  return (jax.tree.map(half("trainable"), tree, is_leaf=is_adapted),
-          jax.tree.map(half("frozen"), tree, is_leaf=is_adapted))
+  from jlora._quant import is_quantized  # noqa: PLC0415 - _quant imports this module's helpers
+
+  whole = lambda x: is_adapted(x) or is_quantized(x)  # noqa: E731 - a quantised base is frozen
+  return (jax.tree.map(half("trainable"), tree, is_leaf=whole),
+          jax.tree.map(half("frozen"), tree, is_leaf=whole))
 
 
 def combine(trainable: Any, frozen: Any) -> Any:
@@ -134,7 +140,9 @@ def combine(trainable: Any, frozen: Any) -> Any:
     >>> jax.tree.structure(jlora.combine(*jlora.split(tree))) == jax.tree.structure(tree)
     True
   """
-  is_none = lambda x: x is None  # noqa: E731
+  from jlora._quant import is_quantized  # noqa: PLC0415 - _quant imports this module's helpers
+
+  is_none = lambda x: x is None or is_quantized(x)  # noqa: E731 - a quantised base is one leaf
   s1 = jax.tree.structure(trainable, is_leaf=is_none)
   s2 = jax.tree.structure(frozen, is_leaf=is_none)
   if s1 != s2:
@@ -149,7 +157,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
   return jax.tree.map(pick, trainable, frozen, is_leaf=is_none)
 
 
-def merge(tree: Any) -> Any:
+def merge(tree: Any, *, requantize: bool = False, dtype: Any = None) -> Any:
   """Folds every adapter into its base: plain params with ``W + scale * A @ B``.
 
   The sum is computed in float32 (float64 for float64 bases) and cast back to
@@ -158,25 +166,79 @@ def merge(tree: Any) -> Any:
   ``stop_gradient``), so ``jax.grad`` of a loss through ``merge`` costs no
   weight-gradient for them. Trees without adapters pass through unchanged.
 
+  A quantised base (:func:`jlora.quantize`) is dequantised first. By default
+  the result is a float base, quantised leaves without adapters dequantised
+  too; with ``requantize=True`` each merged leaf is quantised again with its
+  base's spec (rounding error: one more quantisation step, see
+  ``docs/method_qlora.md``) and unadapted quantised leaves stay as they are.
+
+  Args:
+    tree: a wrapped tree.
+    requantize: quantise merged quantised bases again instead of returning floats.
+    dtype: the float dtype for dequantised leaves (default: the dtype each
+      quantised leaf records, the kernel's original one).
+
+  Raises:
+    QuantizationError: ``dtype`` is not a floating-point dtype (nothing is merged).
+
   Example:
     >>> import jax, jax.numpy as jnp, jlora
     >>> tree = jlora.wrap({"k": jnp.eye(4)}, {"k": jlora.LoRA(2)}, key=jax.random.key(0))
     >>> jlora.merge(tree)["k"].shape
     (4, 4)
   """
-  return jax.tree.map(lambda x: x.merged() if is_adapted(x) else x, tree, is_leaf=is_adapted)
+  from jlora._quant import dense, is_quantized, requantize_like  # noqa: PLC0415 - import cycle
+
+  _check_float_dtype(dtype, "merge")
+
+  def fold(x):
+    if is_quantized(x):
+      return x if requantize else _cast(x.dequantize(), dtype)
+    if not is_adapted(x):
+      return x
+    if not is_quantized(x.w):
+      return x.merged()
+    m = x.replace(w=_cast(dense(x.w), dtype)).merged()
+    return requantize_like(m, x.w) if requantize else m
+
+  return jax.tree.map(fold, tree, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
 
 
-def unmerge(merged: Any, tree: Any) -> Any:
+def _check_float_dtype(dtype, what: str) -> None:
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from jlora._quant import QuantizationError  # noqa: PLC0415 - import cycle
+
+  if dtype is None:
+    return
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise QuantizationError(
+        f"{what}: dtype={dtype!r} cannot hold a dequantised weight; pass a floating-point dtype "
+        "(jnp.float32, jnp.bfloat16, jnp.float16) or leave it out for each base's own dtype")
+
+
+def _cast(x, dtype):
+  return x if dtype is None else x.astype(dtype)
+
+
+def unmerge(merged: Any, tree: Any, *, requantize: bool = False) -> Any:
   """Recovers the base params from ``merge(tree)``: ``W = merged - scale * A @ B``.
 
   Exact up to rounding: float32 bases come back within a few ulps of
   ``|W| + |delta|``; a bfloat16 base is rounded twice (merge and unmerge), so
-  expect ``|recovered - W| <= 2**-7 * (|W| + |delta|)`` elementwise.
+  expect ``|recovered - W| <= 2**-7 * (|W| + |delta|)`` elementwise. Where the
+  wrapped tree's base is quantised, the merged leaf (float or requantised) is
+  dequantised, the delta taken out, and the result returned as a float base, or
+  quantised again with ``requantize=True``.
 
   Args:
     merged: plain params, as :func:`merge` returned them (or after serving).
     tree: the wrapped tree that holds the adapters.
+    requantize: quantise recovered bases whose wrapped base was quantised.
 
   Returns:
     Plain params with the adapters taken out.
@@ -188,14 +250,19 @@ def unmerge(merged: Any, tree: Any) -> Any:
     >>> bool(jnp.allclose(base["k"], jnp.eye(4)))
     True
   """
+  from jlora._quant import dense, is_quantized, requantize_like  # noqa: PLC0415 - import cycle
+
   def take_out(x, m):
     if not is_adapted(x):
       return m
     if tuple(m.shape) != x.shape:
       raise TreeError(f"unmerge: merged leaf has shape {tuple(m.shape)}, the adapter's base {x.shape}")
+    if is_quantized(x.w):
+      w = x.replace(w=dense(x.w)).unmerged(dense(m))
+      return requantize_like(w, x.w) if requantize else w
     return x.unmerged(m)
   try:
-    return jax.tree.map(take_out, tree, merged, is_leaf=is_adapted)
+    return jax.tree.map(take_out, tree, merged, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
   except ValueError as e:
     raise TreeError(f"unmerge: the merged params do not have the wrapped tree's structure: {e}") from None
 

@@ -77,6 +77,7 @@ class DoraWeight(Adapter):
   kind = "dora"
   spec_type = DoRA
   frozen = ("w",)
+  lazy_reads_base = True  # the column norm of w + s*A@B
   trainable = ("a", "b", "m")
 
   @property

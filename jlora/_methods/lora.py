@@ -22,6 +22,7 @@ from jlora._adapter import (
 )
 from jlora._errors import SpecError
 from jlora._lazy import Term, from_kernel
+from jlora._quant import dense
 
 __all__ = ["LoRA", "Full", "LoraWeight", "FullWeight", "INITS"]
 
@@ -210,7 +211,7 @@ class LoraWeight(Adapter):
 
   def merged(self):
     self.require("merge")
-    w = jax.lax.stop_gradient(self.w)
+    w = jax.lax.stop_gradient(dense(self.w))
     acc = acc_dtype(w.dtype)
     return (w.astype(acc) + self.delta().astype(acc)).astype(w.dtype)
 
