@@ -40,6 +40,9 @@ from jlora._rewrite import RewriteError as RewriteError
 from jlora._quant import FP4 as FP4
 from jlora._quant import NF4 as NF4
 from jlora._quant import Int8 as Int8
+from jlora._quant import Q4_0 as Q4_0
+from jlora._quant import Q4_1 as Q4_1
+from jlora._quant import Q8_0 as Q8_0
 from jlora._quant import QuantizationError as QuantizationError
 from jlora._quant import QuantizedArray as QuantizedArray
 from jlora._quant import is_quantized as is_quantized
@@ -80,7 +83,7 @@ __all__ = sorted([
     "Adapter", "AdapterSpec", "Axes", "AxesError", "CheckpointError", "CheckpointManager",
     "ConfigError", "DataError", "DoRA", "DoraWeight", "FetchError", "Full", "FullWeight", "IA3",
     "IA3Weight", "JloraError", "LoRA", "LoraInitWeight", "LoraWeight", "ModelError", "PeftMapping",
-    "Restored", "RewriteError", "RuleError", "VeRA", "VeraWeight", "NF4", "FP4", "Int8",
+    "Restored", "RewriteError", "RuleError", "VeRA", "VeraWeight", "NF4", "FP4", "Int8", "Q4_0", "Q4_1", "Q8_0",
     "QuantizationError", "QuantizedArray", "is_quantized", "quantize",
     "ShardingError", "SpecError", "Summary", "TrainState", "TrainStep", "TreeError",
     "adapted_leaves", "combine", "export_merged", "fingerprint", "is_adapted", "load_adapters",

@@ -40,7 +40,7 @@ from jlora._adapter import Axes, from_matrix, group_shapes, infer_axes, is_adapt
 from jlora._errors import JloraError, SpecError
 from jlora._paths import path_str
 
-__all__ = ["NF4", "FP4", "Int8", "QuantizedArray", "quantize", "is_quantized", "dense",
+__all__ = ["NF4", "FP4", "Int8", "Q4_0", "Q4_1", "Q8_0", "QuantizedArray", "quantize", "is_quantized", "dense",
            "NF4_VALUES", "FP4_VALUES", "dynamic_map"]
 
 
@@ -117,6 +117,12 @@ class NF4(_QSpec):
     double_quant: quantise the absmax scales to 8 bits (blocks of 256, mean
       subtracted), as bitsandbytes' ``compress_statistics=True``.
     stack_axes: leading stacked-layer axes (each layer is quantised on its own).
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> q = jlora.quantize({"k": jnp.ones((128, 4))}, {"k": jlora.NF4()})["k"]
+    >>> q.spec.kind, q.data.shape, q.absmax.dtype  # 2 codes a byte; 8-bit scales (double quant)
+    ('nf4', (256,), dtype('uint8'))
   """
 
   block_size: int = 64
@@ -134,7 +140,14 @@ class NF4(_QSpec):
 
 @dataclasses.dataclass(frozen=True)
 class FP4(NF4):
-  """bitsandbytes' 4-bit float (e2m1) with blockwise absmax scales; ``double_quant`` is off by default."""
+  """bitsandbytes' 4-bit float (e2m1) with blockwise absmax scales; ``double_quant`` is off by default.
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> q = jlora.quantize({"k": jnp.ones((64, 2))}, {"k": jlora.FP4()})["k"]
+    >>> q.absmax.dtype, float(q.dequantize()[0, 0])
+    (dtype('float32'), 1.0)
+  """
 
   double_quant: bool = False
 
@@ -143,12 +156,71 @@ class FP4(NF4):
 
 @dataclasses.dataclass(frozen=True)
 class Int8(_QSpec):
-  """8-bit integers with one absmax scale per output channel (LLM.int8()'s weight format)."""
+  """8-bit integers with one absmax scale per output channel (LLM.int8()'s weight format).
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> q = jlora.quantize({"k": jnp.full((3, 2), 0.5)}, {"k": jlora.Int8()})["k"]
+    >>> q.data.dtype, q.absmax.shape, float(q.dequantize()[0, 0])
+    (dtype('int8'), (2,), 0.5)
+  """
 
   kind: ClassVar[str] = "int8"
 
   def __post_init__(self):
     self._check_common()
+
+
+@dataclasses.dataclass(frozen=True)
+class _GGML(_QSpec):
+  """A llama.cpp (GGUF) block type: blocks of 32 weights along the input axis, float16 scales."""
+
+  block_size: ClassVar[int] = 32
+
+  def __post_init__(self):
+    self._check_common()
+
+
+@dataclasses.dataclass(frozen=True)
+class Q4_0(_GGML):
+  """llama.cpp's Q4_0: ``w = d * (q - 8)``, 4-bit ``q``, one float16 ``d`` per 32 weights (4.5 bits).
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> q = jlora.quantize({"k": jnp.ones((32, 2))}, {"k": jlora.Q4_0()})["k"]
+    >>> q.bits_per_weight(), q.absmax.dtype
+    (4.5, dtype('float16'))
+  """
+
+  kind: ClassVar[str] = "q4_0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Q4_1(_GGML):
+  """llama.cpp's Q4_1: ``w = d * q + m``, 4-bit ``q``, float16 ``d`` and ``m`` per 32 weights (5 bits).
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> q = jlora.quantize({"k": jnp.ones((32, 2))}, {"k": jlora.Q4_1()})["k"]
+    >>> q.bits_per_weight(), float(q.dequantize()[0, 0])
+    (5.0, 1.0)
+  """
+
+  kind: ClassVar[str] = "q4_1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Q8_0(_GGML):
+  """llama.cpp's Q8_0: ``w = d * q``, int8 ``q``, one float16 ``d`` per 32 weights (8.5 bits).
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> q = jlora.quantize({"k": jnp.ones((32, 2))}, {"k": jlora.Q8_0()})["k"]
+    >>> q.bits_per_weight(), q.data.dtype
+    (8.5, dtype('int8'))
+  """
+
+  kind: ClassVar[str] = "q8_0"
 
 
 class QuantizedArray:
@@ -159,6 +231,12 @@ class QuantizedArray:
   ``absmax2`` and ``offset`` (the second-level scales and the mean; ``None``
   without double quantisation). Static: the spec, the kernel axes, the
   kernel's shape and dtype. Every child leads with the kernel's stacked axes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> q = jlora.quantize({"k": jnp.ones((64, 8))}, {"k": jlora.NF4()})["k"]
+    >>> q.shape, q.nbytes(), len(jax.tree.leaves(q))  # data, absmax codes, absmax2, offset
+    ((64, 8), 272, 4)
   """
 
   __slots__ = ("data", "absmax", "absmax2", "offset", "spec", "axes", "shape", "dtype")
@@ -194,8 +272,21 @@ class QuantizedArray:
     kids = [jax.lax.stop_gradient(c) if c is not None else None
             for c in (self.data, self.absmax, self.absmax2, self.offset)]
     data, absmax, absmax2, offset = kids
-    if self.spec.kind == "int8":
+    kind = self.spec.kind
+    if kind == "int8":
       wt = data.astype(jnp.float32) * absmax[..., None] * jnp.float32(7.874015718698502e-3)
+    elif kind in ("q4_0", "q4_1", "q8_0"):  # as the gguf package dequantises (float32 math)
+      d = absmax.astype(jnp.float32)[..., None]
+      if kind == "q8_0":
+        q = data.reshape(stack + (-1, 32)).astype(jnp.float32)
+      else:
+        b = data.reshape(stack + (-1, 16))
+        q = jnp.concatenate([b & 15, b >> 4], axis=-1)  # low nibbles first, then high
+        q = (q.astype(jnp.int8) - jnp.int8(8)).astype(jnp.float32) if kind == "q4_0" else q.astype(jnp.float32)
+      wt = q * d
+      if kind == "q4_1":
+        wt = wt + offset.astype(jnp.float32)[..., None]
+      wt = wt.reshape(stack + (n_out, n_in))
     else:
       if absmax2 is not None:
         absmax = _dq_blockwise(absmax, absmax2, 256) + offset[..., None]
@@ -207,6 +298,28 @@ class QuantizedArray:
       wt = (vals * absmax[..., None]).reshape(stack + (n_out, n_in))
     m = jnp.swapaxes(wt, -1, -2)
     return from_matrix(m, self.shape, self.axes).astype(self.dtype)
+
+  def take_rows(self, ids) -> jax.Array:
+    """Dequantised rows ``w[ids]`` of a 2-D table quantised row by row (an embedding: axes
+    ``inputs=(1,), outputs=(0,)``), decoding only those rows. ``ids``: in-range ints, any shape."""
+    if self.axes != Axes((), (1,), (0,)):
+      raise ValueError(f"take_rows needs a row-quantised 2-D table, not axes {self.axes}")
+    n_rows, n_in = self.shape
+    flat = jnp.reshape(ids, (-1,))
+    data, absmax = self.data.reshape(n_rows, -1)[flat], self.absmax
+    if self.absmax2 is not None:
+      absmax = _dq_blockwise(absmax, self.absmax2, 256) + self.offset[..., None]
+    absmax = absmax.reshape(n_rows, -1)[flat]
+    offset = None
+    if self.spec.kind == "q4_1":
+      offset = self.offset.reshape(n_rows, -1)[flat]
+    part = QuantizedArray(data.reshape(-1) if self.spec.kind != "int8" else data,
+                          absmax.reshape(-1) if self.spec.kind != "int8" else absmax[:, 0],
+                          None, None if offset is None else offset.reshape(-1),
+                          spec=dataclasses.replace(self.spec, double_quant=False)
+                          if isinstance(self.spec, NF4) else self.spec,
+                          axes=self.axes, shape=(flat.shape[0], n_in), dtype=self.dtype)
+    return part.dequantize().reshape(tuple(jnp.shape(ids)) + (n_in,))
 
   def __repr__(self):
     return f"QuantizedArray({self.spec.kind}, shape={self.shape}, dtype={self.dtype.name}, spec={self.spec})"
@@ -222,7 +335,14 @@ jax.tree_util.register_pytree_with_keys(
 
 
 def is_quantized(x: Any) -> bool:
-  """True for a :class:`QuantizedArray` (use as ``is_leaf`` to keep it whole)."""
+  """True for a :class:`QuantizedArray` (use as ``is_leaf`` to keep it whole).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> tree = jlora.quantize({"k": jnp.ones((64, 8)), "b": jnp.ones(8)}, {"k": jlora.Int8()})
+    >>> [jlora.is_quantized(x) for x in jax.tree.leaves(tree, is_leaf=jlora.is_quantized)]
+    [False, True]
+  """
   return isinstance(x, QuantizedArray)
 
 
@@ -275,7 +395,15 @@ def _quantize_leaf(path: str, leaf, spec, *, axes: Axes | None = None, dtype=Non
         f"{what} rule targets {path!r}, a {leaf.ndim}-D array of shape {tuple(leaf.shape)}; only "
         "kernels (>= 2-D) are quantised. Narrow the pattern, or map this path to None first")
   shape = tuple(leaf.shape)
-  axes = infer_axes(path, shape, spec) if axes is None else axes
+  if axes is None:
+    n_stack = spec.stack_axes or 0
+    if path.rsplit("/", 1)[-1] == "embedding" and len(shape) - n_stack == 2:
+      # a lookup table: quantised row by row, blocks along the features (as bitsandbytes does an
+      # nn.Embedding's (vocab, features) weight and GGUF stores token_embd), so a lookup decodes
+      # only its rows and a tied output projection contracts over the blocked axis
+      axes = Axes(tuple(range(n_stack)), (n_stack + 1,), (n_stack,))
+    else:
+      axes = infer_axes(path, shape, spec)
   dtype = leaf.dtype if dtype is None else dtype
   stack, ins, outs = group_shapes(shape, axes)
   n_in, n_out = math.prod(ins), math.prod(outs)
@@ -285,11 +413,10 @@ def _quantize_leaf(path: str, leaf, spec, *, axes: Axes | None = None, dtype=Non
     data = jnp.round(wt * (127.0 / stats)[..., None]).astype(jnp.int8)
     return QuantizedArray(data, stats, None, None, spec=spec, axes=axes, shape=shape, dtype=dtype)
   bs = spec.block_size
-  if n_in % bs:
-    raise QuantizationError(
-        f"{what}(block_size={bs}) at {path!r}: the input size {n_in} of kernel {shape} is not a "
-        f"multiple of the block size, so a block would span two output units; use a block size "
-        f"that divides {n_in} (e.g. {math.gcd(n_in, bs) if math.gcd(n_in, bs) % 2 == 0 else 2})")
+  if isinstance(spec, _GGML):
+    _check_block(what, path, shape, n_in, bs)
+    return _quantize_ggml(wt.reshape(stack + (-1, bs)), spec, axes=axes, shape=shape, dtype=dtype)
+  _check_block(what, path, shape, n_in, bs)
   blocks = wt.reshape(stack + (-1, bs))
   absmax = jnp.abs(blocks).max(-1)
   scaled = jnp.clip(blocks * (1.0 / jnp.maximum(absmax, 1e-38))[..., None], -1, 1)
@@ -308,6 +435,75 @@ def _quantize_leaf(path: str, leaf, spec, *, axes: Axes | None = None, dtype=Non
     offset = absmax.mean(-1)
   qa, am2 = _q_blockwise(absmax - offset[..., None], 256)
   return QuantizedArray(data, qa, am2, offset, spec=spec, axes=axes, shape=shape, dtype=dtype)
+
+
+def _check_block(what, path, shape, n_in, bs):
+  if n_in % bs:
+    fix = (f"use a block size that divides {n_in} (e.g. "
+           f"{math.gcd(n_in, bs) if math.gcd(n_in, bs) % 2 == 0 else 2})" if what in ("NF4", "FP4")
+           else f"{what} blocks are always {bs} long: quantise this leaf with jlora.NF4(block_size=...) "
+           "or jlora.Int8(), or leave it out of the rules")
+    raise QuantizationError(
+        f"{what}(block_size={bs}) at {path!r}: the input size {n_in} of kernel {shape} is not a "
+        f"multiple of the block size, so a block would span two output units; {fix}")
+
+
+def _f16(x):
+  return x.astype(jnp.float16)
+
+
+def _quantize_ggml(blocks, spec, *, axes, shape, dtype) -> QuantizedArray:
+  """llama.cpp's reference quantisers (as the gguf package implements them), blocks of 32."""
+  stack = blocks.shape[:-2]
+  if spec.kind == "q8_0":
+    d = jnp.abs(blocks).max(-1, keepdims=True) / jnp.float32(127)
+    inv = jnp.where(d == 0, 0.0, 1.0 / jnp.where(d == 0, 1.0, d))
+    x = blocks * inv
+    a = jnp.abs(x)
+    fl = jnp.floor(a)
+    q = (jnp.sign(x) * (fl + jnp.floor(2 * (a - fl)))).astype(jnp.int8)  # C roundf: halves away from 0
+    return QuantizedArray(q.reshape(stack + (-1,)), _f16(d[..., 0]), None, None, spec=spec, axes=axes,
+                          shape=shape, dtype=dtype)
+  if spec.kind == "q4_0":
+    imax = jnp.abs(blocks).argmax(-1)[..., None]
+    mx = jnp.take_along_axis(blocks, imax, axis=-1)
+    d = mx / jnp.float32(-8)
+    inv = jnp.where(d == 0, 0.0, 1.0 / jnp.where(d == 0, 1.0, d))
+    q = jnp.clip(jnp.trunc(blocks * inv + jnp.float32(8.5)), 0, 15).astype(jnp.uint8)
+    m = None
+  else:
+    mx, mn = blocks.max(-1, keepdims=True), blocks.min(-1, keepdims=True)
+    d = (mx - mn) / jnp.float32(15)
+    inv = jnp.where(d == 0, 0.0, 1.0 / jnp.where(d == 0, 1.0, d))
+    q = jnp.clip(jnp.trunc((blocks - mn) * inv + jnp.float32(0.5)), 0, 15).astype(jnp.uint8)
+    m = _f16(mn[..., 0]).reshape(stack + (-1,))
+  packed = q[..., :16] | (q[..., 16:] << 4)
+  return QuantizedArray(packed.reshape(stack + (-1,)), _f16(d[..., 0]), None, m, spec=spec, axes=axes,
+                        shape=shape, dtype=dtype)
+
+
+_GGML_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+GGML_SPECS = {"Q4_0": Q4_0, "Q4_1": Q4_1, "Q8_0": Q8_0}
+
+
+def from_ggml(rows: list[np.ndarray], spec: _GGML, *, shape, axes: Axes, dtype) -> QuantizedArray:
+  """A :class:`QuantizedArray` from llama.cpp blocks: ``rows`` holds, per stacked layer (one
+  entry when unstacked), the tensor's raw bytes as ``(out, bytes per row)`` (the ``gguf``
+  reader's ``data``), rows in the output order the kernel uses. No value is dequantised."""
+  nb = _GGML_BLOCK_BYTES[spec.kind]
+  datas, ds, ms = [], [], []
+  for raw in rows:
+    b = np.ascontiguousarray(raw, np.uint8).reshape(raw.shape[0], -1, nb)
+    ds.append(b[..., 0:2].copy().view(np.float16).reshape(-1))
+    start = 4 if spec.kind == "q4_1" else 2
+    if spec.kind == "q4_1":
+      ms.append(b[..., 2:4].copy().view(np.float16).reshape(-1))
+    qs = b[..., start:].reshape(-1)
+    datas.append(qs.view(np.int8) if spec.kind == "q8_0" else qs)
+  stacked = len(axes.stack) > 0
+  pick = (lambda xs: jnp.asarray(np.stack(xs))) if stacked else (lambda xs: jnp.asarray(xs[0]))
+  return QuantizedArray(pick(datas), pick(ds), None, pick(ms) if ms else None, spec=spec, axes=axes,
+                        shape=shape, dtype=dtype)
 
 
 def quantize(params: Any, rules) -> Any:
@@ -344,7 +540,7 @@ def quantize(params: Any, rules) -> Any:
     if spec is not None:
       if not isinstance(spec, _QSpec):
         raise SpecError(f"rule {rule!r} maps {path!r} to {spec!r}; jlora.quantize takes jlora.NF4(), "
-                        "jlora.FP4() or jlora.Int8() (adapters go through jlora.wrap afterwards)")
+                        "jlora.FP4(), jlora.Int8(), jlora.Q4_0(), jlora.Q4_1() or jlora.Q8_0() (adapters go through jlora.wrap afterwards)")
       if is_adapted(leaf) or is_quantized(leaf):
         raise QuantizationError(f"{path!r} is already a {type(leaf).__name__}; quantise the plain "
                                 "params first, then jlora.wrap them")

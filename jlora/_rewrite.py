@@ -689,6 +689,10 @@ def _c_gather(eqn, invals, ctx):
     return None
   p = eqn.params
   dn = p["dimension_numbers"]
+  if isinstance(op.base, _QBase):
+    rows = _q_row_lookup(op, idx, p)
+    if rows is not None:
+      return rows
   if dn.operand_batching_dims or dn.start_indices_batching_dims:
     return None
   sizes = tuple(p["slice_sizes"])
@@ -751,6 +755,31 @@ def _c_gather(eqn, invals, ctx):
   if nbatch and batch_side != "S":
     return _materialise(out)  # an embedding lookup: rows of W + rows of A, times B
   return out
+
+
+def _q_row_lookup(op: Lazy, idx, p):
+  """An embedding lookup in a quantised table: only the looked-up rows are dequantised."""
+  qb, dn = op.base, p["dimension_numbers"]
+  if op.terms or op.u is not None or op.v is not None or not qb.elementwise():
+    return None
+  if qb.q.axes != Axes((), (1,), (0,)) or len(qb.shape) != 2 or dn.operand_batching_dims:
+    return None
+  n_rows, n_in = qb.shape
+  if (tuple(dn.start_index_map), tuple(dn.collapsed_slice_dims)) != ((0,), (0,)) \
+      or tuple(p["slice_sizes"]) != (1, n_in) or tuple(dn.offset_dims) != (idx.ndim - 1,) \
+      or idx.shape[-1] != 1:
+    return None
+  i = idx[..., 0]
+  safe = jnp.clip(i, 0, n_rows - 1)
+  rows = qb.q.take_rows(safe)
+  for e, rest in qb.ops:  # elementwise: casts, stop_gradient
+    rows = _bind(e, [rows, *rest])
+  if p["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
+    fill = p.get("fill_value")
+    fill = jnp.nan if fill is None and jnp.issubdtype(rows.dtype, jnp.inexact) else (fill or 0)
+    ok = ((i >= 0) & (i < n_rows))[..., None]
+    rows = jnp.where(ok, rows, jnp.asarray(fill, rows.dtype))
+  return rows
 
 
 _ARITH: dict[str, Callable] = {name: _arith for name in ("mul", "div", "neg", "add", "sub")}

@@ -95,3 +95,48 @@ def test_export_hf_folder_and_gguf(smol, tmp_path):
   tok2 = load_llama_tokenizer(f)
   assert tok2(TEXTS[1]).input_ids == tok(TEXTS[1]).input_ids
   assert tok2.chat_template == tok.chat_template
+
+
+def test_keep_quantized_gguf_trains_lora_on_the_file_blocks(smol):
+  """keep_quantized=True: the Q4_1 / Q8_0 blocks stay packed, dequantise exactly as the gguf
+  package does (the float loader's params), and LoRA on them equals LoRA on the float base."""
+  import jax
+  import jax.numpy as jnp
+
+  import jlora
+
+  folder, config, params, tok, _ = smol
+  _, qparams = load_llama(folder / GGUF, keep_quantized=True)
+  q_leaves = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=jlora.is_quantized)[0]
+  f_leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  kinds = {}
+  for kp, leaf in q_leaves:
+    if jlora.is_quantized(leaf):
+      kinds[leaf.spec.kind] = kinds.get(leaf.spec.kind, 0) + 1
+      np.testing.assert_array_equal(np.asarray(leaf.dequantize()), np.asarray(f_leaves[kp]))
+  assert kinds == {"q4_1": 7, "q8_0": 1}  # 7 stacked kernels, the tied embedding
+  q_bytes = sum(l.nbytes() if jlora.is_quantized(l) else l.nbytes for _, l in q_leaves)
+  f_bytes = sum(l.nbytes for l in f_leaves.values())
+  assert q_bytes < 0.19 * f_bytes
+  rules = {f"layers/self_attn/{n}/kernel": jlora.LoRA(8, stack_axes=1) for n in ("q_proj", "v_proj")}
+  trees = []
+  for p in (qparams, params):
+    t = jlora.wrap(p, rules, key=jax.random.key(0))
+    for name in ("q_proj", "v_proj"):
+      leaf = t["layers"]["self_attn"][name]["kernel"]
+      t["layers"]["self_attn"][name]["kernel"] = leaf.replace(
+          b=0.01 * jax.random.normal(jax.random.key(1), leaf.b.shape))
+    trees.append(t)
+  ids = jnp.asarray([tok(TEXTS[0]).input_ids])
+  fwd = jlora.lora(lambda p, ids: llama_forward(p, ids, config))
+
+  def loss_and_grad(tree):
+    tr, fr = jlora.split(tree)
+    loss = lambda tr: jnp.mean(jax.nn.logsumexp(fwd(jlora.combine(tr, fr), ids), -1))  # noqa: E731
+    return jax.jit(jax.value_and_grad(loss))(tr)
+
+  (lq, gq), (lf, gf) = loss_and_grad(trees[0]), loss_and_grad(trees[1])
+  np.testing.assert_allclose(lq, lf, rtol=1e-5)
+  ga = gq["layers"]["self_attn"]["q_proj"]["kernel"].a
+  np.testing.assert_allclose(ga, gf["layers"]["self_attn"]["q_proj"]["kernel"].a,
+                             rtol=1e-3, atol=1e-5 * float(jnp.abs(ga).max()))

@@ -141,7 +141,8 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[Path, str]:
 
 
 def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, task: str | None = None,
-         num_labels: int | None = None, key: jax.Array | None = None, **kwargs: Any) -> Loaded:
+         num_labels: int | None = None, key: jax.Array | None = None, keep_quantized: bool = False,
+         **kwargs: Any) -> Loaded:
   """Loads a model, its params and its tokenizer.
 
   Args:
@@ -153,6 +154,8 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, task: str
     task: encoders only: ``"embedding"`` (default), ``"classification"`` or ``"base"``.
     num_labels: encoders with ``task="classification"``: the classifier's outputs.
     key: PRNG key for heads a checkpoint lacks (an encoder's classifier).
+    keep_quantized: decoders from GGUF: keep the file's Q4_0 / Q4_1 / Q8_0 tensors quantised
+      (:class:`jlora.QuantizedArray` leaves) instead of dequantising them, for QLoRA on the file.
     **kwargs: passed to the family's loader (:func:`jlora.models.bert.load_bert`).
 
   Returns:
@@ -175,9 +178,12 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, task: str
       raise ModelError(f"{name_or_path} is a causal decoder; task {task!r} is not supported "
                        "(leave task out)")
     from jlora.models.llama_io import load_llama, load_llama_tokenizer
-    config, params = load_llama(path, dtype=dtype)
+    config, params = load_llama(path, dtype=dtype, keep_quantized=keep_quantized)
     tok = load_llama_tokenizer(path) if _has_tokenizer(path) else None
     return Loaded(LlamaForCausalLM(config), params, tok)
+  if keep_quantized:
+    raise ModelError(f"{name_or_path} is an encoder; keep_quantized applies to GGUF decoders. "
+                     "Quantise its params with jlora.quantize(params, rules) instead")
   from jlora.models.bert import load_bert
   kwargs.setdefault("with_tokenizer", _has_tokenizer(path))
   model, params, tok = load_bert(path, dtype=dtype, task=task or "embedding", num_labels=num_labels,

@@ -59,13 +59,18 @@ _TOP_NAMES = {
 }
 
 
-def load_llama(path: str | os.PathLike, *, dtype: Any = None) -> tuple[LlamaConfig, dict]:
+def load_llama(path: str | os.PathLike, *, dtype: Any = None,
+               keep_quantized: bool = False) -> tuple[LlamaConfig, dict]:
   """Loads a Llama-family model from a Hugging Face folder or a ``.gguf`` file.
 
   Args:
     path: a folder with ``config.json`` and safetensors weights, or a ``.gguf`` file.
     dtype: dtype of the returned params; ``None`` keeps a Hugging Face checkpoint's stored
       dtype and gives float32 for GGUF (quantized tensors are dequantized).
+    keep_quantized: GGUF only: keep Q4_0, Q4_1 and Q8_0 kernels and the token embedding as
+      :class:`jlora.QuantizedArray` leaves holding the file's own blocks (``dtype`` is then
+      the dtype they dequantise to), so LoRA trains straight on the llama.cpp file. Other
+      tensor types are dequantized as usual.
 
   Returns:
     ``(config, params)``, params as in :mod:`jlora.models.llama` (jax arrays on the default device).
@@ -86,8 +91,12 @@ def load_llama(path: str | os.PathLike, *, dtype: Any = None) -> tuple[LlamaConf
       raise ModelError(
           f"{path} is a file but not a .gguf; pass a .gguf file or a Hugging Face folder "
           "holding config.json and *.safetensors")
-    config, params = _read_gguf(path, lambda a: _to_jax(a, dtype))
+    config, params = _read_gguf(path, lambda a: _to_jax(a, dtype), keep_quantized=keep_quantized,
+                                dtype=dtype)
   else:
+    if keep_quantized:
+      raise ModelError(f"{path} is a Hugging Face folder; keep_quantized applies to GGUF files. "
+                       "Quantise its params with jlora.quantize(params, rules) instead")
     config, params = _read_hf(path, lambda a: _to_jax(a, dtype))
   return config, params
 
@@ -677,9 +686,13 @@ def _gguf_field(reader, key: str, default=None):
   return field.contents()
 
 
-def _read_gguf(file: Path, convert) -> tuple[LlamaConfig, dict]:
+def _read_gguf(file: Path, convert, *, keep_quantized: bool = False,
+               dtype: Any = None) -> tuple[LlamaConfig, dict]:
   import gguf
   from gguf import quants
+
+  from jlora._adapter import Axes
+  from jlora._quant import GGML_SPECS, from_ggml
 
   try:
     reader = gguf.GGUFReader(str(file))
@@ -769,11 +782,44 @@ def _read_gguf(file: Path, convert) -> tuple[LlamaConfig, dict]:
           "the file is corrupt or was written by a faulty converter: convert the model again")
     return a
 
+  def load_raw(path, shape, names):
+    """The path's tensors as a QuantizedArray of their own blocks, or None (not a kept type)."""
+    ts = [tensors.get(n) for n in names]
+    if path[-1] not in ("kernel", "embedding") or any(t is None for t in ts):
+      return None
+    kinds = {t.tensor_type.name for t in ts}
+    if len(kinds) != 1 or next(iter(kinds)) not in GGML_SPECS:
+      return None
+    spec = GGML_SPECS[next(iter(kinds))]()
+    rows = []
+    for name, t in zip(names, ts):
+      raw = np.asarray(t.data)
+      out_in = tuple(int(d) for d in reversed(t.shape))
+      if out_in != _hf_shape(shape, path):
+        return None  # the float path reports the shape mismatch
+      if arch == "llama" and path[1:3] in (("self_attn", "q_proj"), ("self_attn", "k_proj")):
+        heads = config.num_heads if path[2] == "q_proj" else config.num_kv_heads
+        raw = _unpermute_rope_rows(raw, heads)  # whole rows of blocks move
+      rows.append(raw)
+      used.add(name)
+    if path[-1] == "embedding":  # (vocab, hidden): rows are vocabulary entries, blocks along hidden
+      axes = Axes((), (1,), (0,))
+    elif path[0] == "layers":  # (layers, in, out)
+      axes = Axes((0,), (1,), (2,))
+    else:
+      axes = Axes((), (0,), (1,))
+    return from_ggml(rows, spec, shape=shape, axes=axes, dtype=dtype or jnp.float32)
+
   arrays: dict = {}
   used = set()
   for path, shape in _leaf_paths(config):
     names = _gguf_names(path, config.num_layers)
     hf_shape = _hf_shape(shape, path)
+    if keep_quantized:
+      q = load_raw(path, shape, names)
+      if q is not None:
+        _set_path(arrays, path, q)
+        continue
     parts = []
     for name in names:
       used.add(name)
