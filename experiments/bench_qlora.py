@@ -17,6 +17,7 @@ median step time, steps interleaved across sides so background load hits all ali
 Usage::
 
   python experiments/bench_qlora.py                      # writes experiments/results/bench_qlora.{txt,json}
+  python experiments/bench_qlora.py --remat --out experiments/results/bench_qlora_remat
   python experiments/bench_qlora.py --layers 2 --steps 1 --out /tmp/bq   # a smoke run
 """
 
@@ -42,6 +43,8 @@ def main() -> None:
   ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--layers", type=int, default=bp.SHAPE["layers"])
   ap.add_argument("--sides", default=",".join(SIDES))
+  ap.add_argument("--remat", action="store_true",
+                  help="recompute each layer in the backward pass (QLoRA's gradient checkpointing)")
   ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_qlora"))
   args = ap.parse_args()
   bp._limit_cpus(args.threads)
@@ -49,7 +52,7 @@ def main() -> None:
   sides, reports = {}, {}
   for name in args.sides.split(","):
     reports[name] = {}
-    sides[name] = _setup(name, args.layers, reports[name])
+    sides[name] = _setup(name, args.layers, reports[name], remat=args.remat)
     gc.collect()
   tokens = bp._tokens()
   times = {k: [] for k in sides}
@@ -60,7 +63,7 @@ def main() -> None:
       t0 = time.perf_counter()
       step(tokens)
       times[name].append(time.perf_counter() - t0)
-  results = {"shape": {**bp.SHAPE, "layers": args.layers}, "batch": [bp.BATCH, bp.SEQ],
+  results = {"shape": {**bp.SHAPE, "layers": args.layers}, "batch": [bp.BATCH, bp.SEQ], "remat": args.remat,
              "machine": bp._machine(), "versions": bp._versions(), "threads": args.threads,
              "load_before": load_before, "load_after": os.getloadavg(), "steps": args.steps,
              "sides": {k: {**reports[k], "step_s": bp._median(v), "times_s": v} for k, v in times.items()}}
@@ -74,7 +77,7 @@ def _rules_q(kind: str):
   return {"layers/**/kernel": jlora.Q4_1(stack_axes=1), "embed_tokens/embedding": jlora.Q4_1()}
 
 
-def _setup(name: str, layers: int, report: dict):
+def _setup(name: str, layers: int, report: dict, *, remat: bool = False):
   import jax
   import jax.numpy as jnp
   import optax
@@ -108,7 +111,7 @@ def _setup(name: str, layers: int, report: dict):
   def train_step(trainable, opt_state, frozen, tokens):
     def loss_fn(t):
       p = t if frozen is None else jlora.combine(t, frozen)
-      logits = forward(p, tokens, cfg)
+      logits = forward(p, tokens, cfg, remat=remat)
       return bp.next_token_loss(logits.astype(jnp.float32), tokens)
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -137,7 +140,8 @@ def _lines(r: dict) -> list[str]:
   m = r["machine"]
   out = [
       "QLoRA vs LoRA vs full fine-tuning in jlora: one training step, SmolLM2-135M shape "
-      f"({r['shape']['layers']} layers, scanned), batch {r['batch'][0]} x {r['batch'][1]}, AdamW",
+      f"({r['shape']['layers']} layers, scanned{', remat' if r.get('remat') else ''}), batch "
+      f"{r['batch'][0]} x {r['batch'][1]}, AdamW",
       f"machine: {m['cpu_model']}, {m['cpus_used']} of {m['cpus_online']} CPUs, threads {r['threads']}"
       + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; jax {r['versions']['jax']}; "
       f"load average before {r['load_before'][0]:.2f}, after {r['load_after'][0]:.2f}",

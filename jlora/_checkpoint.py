@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._errors import CheckpointError, JloraError, TreeError
+from jlora._quant import is_quantized
 from jlora._paths import path_str
 from jlora._adapter import Axes, is_adapted, leaf_class
 from jlora._adapter import spec_from_json as _spec_from_json
@@ -198,6 +199,12 @@ def fingerprint(tree: Any, *, samples: int = DEFAULT_SAMPLES) -> dict:
           f"the tree lacks the base of {p!r} (a jlora.split half?); pass the whole tree, "
           "jlora.combine(trainable, frozen)")
     shape = [int(s) for s in x.shape]
+    if is_quantized(x):  # a quantised base: its kind, and samples of its codes and scales
+      sample = None if trained else (_sample_digest(p, x.data, samples)
+                                     + _sample_digest(p + "#scales", x.absmax, samples))
+      leaves.append({"path": p, "shape": shape, "dtype": f"{x.spec.kind}:{_dtype_name(x.dtype)}",
+                     "sample": sample})
+      continue
     leaves.append({"path": p, "shape": shape, "dtype": _dtype_name(x.dtype),
                    "sample": None if trained else _sample_digest(p, x, samples)})
   body = json.dumps([[e["path"], e["shape"], e["dtype"], e["sample"]] for e in leaves])
@@ -371,7 +378,7 @@ def plan_restore(entries: list[dict], params: Any, *, where: str) -> dict:
 
   Returns a plan for :func:`apply_restore`. Raises CheckpointError on any mismatch.
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapted)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
   paths = [path_str(kp) for kp, _ in flat]
   leaves = [x for _, x in flat]
   index = {p: i for i, p in enumerate(paths)}
@@ -653,7 +660,8 @@ def _adapted(tree: Any) -> list[tuple[str, Any]]:
 
 def _base_leaves(tree: Any) -> list[tuple[str, Any, bool]]:
   """(path, base array, trained?) for every array leaf of plain params or a wrapped tree."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
   out = []
   for kp, x in flat:
     p = path_str(kp)

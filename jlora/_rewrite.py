@@ -20,6 +20,7 @@ builds its own in ``lazy()`` (see :mod:`jlora._adapter`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import string
@@ -97,6 +98,12 @@ class _QBase:
     return _QBase(one, self.ops, self.shape[1:], self.dtype)
 
 
+jax.tree_util.register_pytree_node(
+    _QBase,
+    lambda b: ((b.q, tuple(rest for _, rest in b.ops)), (tuple(e for e, _ in b.ops), b.shape, b.dtype)),
+    lambda aux, ch: _QBase(ch[0], tuple(zip(aux[0], ch[1])), aux[1], aux[2]),
+)
+
 _ELEMENTWISE = frozenset({"convert_element_type", "copy", "copy_p", "stop_gradient"})
 
 
@@ -110,6 +117,9 @@ def _bind_q(eqn, operands, qpos: int) -> jax.Array:
   the others: the dequantised weight is recomputed for the backward pass rather than kept, so
   only the packed codes are residuals (the weight of one layer exists only while it is used)."""
   qb = operands[qpos]
+  chunked = _row_chunked_dot(eqn, operands, qpos)
+  if chunked is not None:
+    return chunked
   others = [o for i, o in enumerate(operands) if i != qpos]
   leaves, tdef = jax.tree_util.tree_flatten(qb.q)
   shapes = [(jnp.shape(o), jnp.result_type(o)) for o in others]
@@ -135,6 +145,82 @@ def _bind_q(eqn, operands, qpos: int) -> jax.Array:
 
   contract.defvjp(fwd, bwd)
   return contract(others, leaves)
+
+
+_CHUNK_BYTES = 64 << 20  # a row-quantised table bigger than this is contracted in row chunks
+_CHUNK_TARGET = 8 << 20  # of about this many float32 bytes each
+
+
+def _row_chunks(n_rows: int, n_in: int) -> int:
+  """How many equal row chunks keep each dequantised chunk near 8 MB (a divisor of ``n_rows``)."""
+  want = max(1, -(-n_rows * n_in * 4 // _CHUNK_TARGET))
+  for k in range(want, n_rows + 1):
+    if n_rows % k == 0:
+      return k
+  return n_rows
+
+
+def _row_chunked_dot(eqn, operands, qpos: int):
+  """``x @ E^T`` against a large row-quantised table (a tied output projection over the token
+  embedding): the rows are dequantised a chunk at a time, forward and backward, so the float
+  table never exists whole. None where the contraction has another form."""
+  qb = operands[qpos]
+  if qpos != 1 or not qb.elementwise() or qb.q.axes != Axes((), (1,), (0,)) or len(qb.shape) != 2:
+    return None
+  n_rows, n_in = qb.shape
+  if n_rows * n_in * 4 <= _CHUNK_BYTES:
+    return None
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  if tuple(rc) != (1,) or lb or rb:
+    return None
+  x = operands[0]
+  k = _row_chunks(n_rows, n_in)
+  rows = n_rows // k
+  q = qb.q
+  absmax = q.absmax
+  if q.absmax2 is not None:  # decode the scales once (small): each chunk slices them
+    from jlora._quant import _dq_blockwise  # noqa: PLC0415
+    absmax = _dq_blockwise(absmax, q.absmax2, 256) + q.offset[..., None]
+  per = lambda a: None if a is None else a.reshape(k, rows, -1)  # noqa: E731
+  data, scales = per(q.data), per(absmax)
+  mins = per(q.offset) if q.spec.kind == "q4_1" else None
+  spec = dataclasses.replace(q.spec, double_quant=False) if hasattr(q.spec, "double_quant") else q.spec
+
+  def chunk_w(d, s, m):
+    flat = (lambda a: a.reshape(-1)) if q.spec.kind != "int8" else (lambda a: a)
+    one = QuantizedArray(flat(d), s.reshape(-1) if q.spec.kind != "int8" else s[:, 0], None,
+                         None if m is None else m.reshape(-1), spec=spec, axes=q.axes,
+                         shape=(rows, n_in), dtype=q.dtype)
+    w = one.dequantize()
+    for e, rest in qb.ops:
+      w = _bind(e, [w, *rest])
+    return w
+
+  out_dtype = eqn.outvars[0].aval.dtype
+  xs = (data, scales, mins)
+
+  def fwd_all(x):
+    ys = lax.map(lambda c: _bind(eqn, [x, chunk_w(*c)]), xs)  # (k, ..., rows)
+    return jnp.moveaxis(ys, 0, -2).reshape(ys.shape[1:-1] + (n_rows,)).astype(out_dtype)
+
+  @jax.custom_vjp
+  def contract(x):
+    return fwd_all(x)
+
+  def bwd(xshape_dtype, g):
+    shape, dt = xshape_dtype.shape, xshape_dtype.dtype
+    gs = jnp.moveaxis(g.reshape(g.shape[:-1] + (k, rows)), -2, 0)
+
+    def body(acc, c):
+      (d, s, m), gc = c
+      w = chunk_w(d, s, m)
+      _, vjp = jax.vjp(lambda o: _bind(eqn, [o, w]), jnp.zeros(shape, dt))
+      return acc + vjp(gc)[0].astype(acc.dtype), None
+    acc, _ = lax.scan(body, jnp.zeros(shape, _acc(dt)), (xs, gs))
+    return (acc.astype(dt),)
+
+  contract.defvjp(lambda x: (fwd_all(x), jax.ShapeDtypeStruct(x.shape, x.dtype)), bwd)
+  return contract(x)
 
 
 def _axes_of(sides: Sequence[str], factor: str) -> list[int]:

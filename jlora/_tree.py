@@ -8,7 +8,7 @@ import jax
 
 from jlora._adapter import AdapterSpec, Axes, acc_dtype, infer_axes, is_adapted
 from jlora._errors import RuleError, TreeError
-from jlora._methods.lora import FullWeight, LoraWeight, adapter_dtype, is_array
+from jlora._methods.lora import Full, FullWeight, LoraWeight, adapter_dtype, is_array
 from jlora._paths import CompiledRules, Rules, closest_paths, normalise_rules, path_str
 
 __all__ = [
@@ -76,6 +76,12 @@ def wrap(params: Any, rules: Rules, *, key: jax.Array) -> Any:
     rule, spec = compiled.match(path, leaf)
     new = leaf
     if spec is not None:
+      if is_quantized(leaf) and isinstance(spec, Full):
+        from jlora._quant import QuantizationError  # noqa: PLC0415
+        raise QuantizationError(
+            f"rule {rule!r} trains {path!r} in full, but it is a quantised base "
+            f"({leaf.spec.kind}); a quantised leaf is frozen. Leave it out of jlora.quantize's "
+            "rules to train it in full, or put an adapter (jlora.LoRA, ...) on it")
       new = _adapt(path, leaf, spec, rule, key)
     if rule is not None:
       used.setdefault(rule, 0)

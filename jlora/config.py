@@ -62,6 +62,7 @@ _SOURCES = ("sentiment", "files", "hub")
 _METHODS = ("lora", "dora", "ia3", "vera", "full", "bitfit")
 _DTYPES = ("float32", "bfloat16")
 _POOLING = ("mean", "cls")
+_QUANTIZE = ("none", "nf4", "fp4", "int8", "q4_0", "q4_1", "q8_0", "gguf")
 _DOMAINS = ("movies", "tweets", "amazon", "nyt")
 _FORMATS = ("json", "csv", "parquet", "text")
 
@@ -84,6 +85,11 @@ class ModelConfig:
       BertForSequenceClassification).
     dropout: train with the model's own dropout (BERT hidden/attention dropout
       from its config); False runs the model deterministically.
+    quantize: decoders: the frozen base's storage (QLoRA). ``none`` keeps float32;
+      ``nf4`` / ``fp4`` / ``int8`` / ``q4_0`` / ``q4_1`` / ``q8_0`` quantise every layer
+      kernel and the token embedding with that :func:`jlora.quantize` spec after loading;
+      ``gguf`` keeps a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks (no requantisation).
+      Adapters and optimizer state stay float32.
   """
 
   name: str = "all-minilm-l6-v2"
@@ -91,6 +97,7 @@ class ModelConfig:
   remat: bool = False
   pooling: str = "mean"
   dropout: bool = False
+  quantize: str = "none"
 
 
 @dataclasses.dataclass
@@ -464,6 +471,7 @@ def validate(cfg: Config) -> None:
     raise ConfigError(f"model.name is empty; use one of {sorted(MODEL_NAMES)} or a model path.")
   choice("model.dtype", m.dtype, _DTYPES)
   choice("model.pooling", m.pooling, _POOLING)
+  choice("model.quantize", m.quantize, _QUANTIZE)
   choice("data.task", d.task, _TASKS)
   choice("data.source", d.source, _SOURCES)
   choice("data.domain", d.domain, _DOMAINS)

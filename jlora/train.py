@@ -354,7 +354,7 @@ def build_rules(cfg: Config, params: Any, family: str) -> list[tuple[str, Any]]:
     ['layers/query/kernel', 'layers/value/kernel', 'classifier/bias', 'classifier/kernel']
   """
   me = cfg.method
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=jlora.is_quantized)[0]
   paths = [path_str(kp) for kp, _ in flat]
   leaves = dict(zip(paths, (x for _, x in flat)))
   modules = sorted({p.rsplit("/", 1)[0] for p in paths if "/" in p})
@@ -508,7 +508,7 @@ def merge_run(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) 
     >>> merge_run(load_run("runs/minilm-sentiment"), "merged/")  # doctest: +SKIP
   """
   out = Path(out_dir)
-  merged = jlora.merge(run.tree) if _has_adapters(run.tree) else run.tree
+  merged = jlora.merge(run.tree)
   merged = jax.tree.map(np.asarray, merged)
   if run.family == "bert":
     from jlora.models.bert import save_bert_hf  # noqa: PLC0415
@@ -552,7 +552,7 @@ def predict(run: Run, texts: list[str], *, max_new_tokens: int = 64, temperature
   """
   if not texts:
     raise DataError("predict got no texts.")
-  params = jlora.merge(run.tree) if _has_adapters(run.tree) else run.tree
+  params = jlora.merge(run.tree)
   if run.family == "bert" and run.config.data.task == "classification":
     enc = run.tokenizer(list(texts), truncation=True, max_length=run.config.data.max_length,
                         padding=True, return_tensors="np")
@@ -648,6 +648,11 @@ def _check_family_task(family: str, cfg: Config) -> None:
     raise ConfigError(
         f"data.task={task} needs a decoder model; {cfg.model.name} is a BERT encoder "
         "(use model.name=smollm2-135m-instruct or another Llama-family model).")
+  if family == "bert" and cfg.model.quantize != "none":
+    raise ConfigError(
+        f"model.quantize={cfg.model.quantize} quantises a decoder's base; {cfg.model.name} is an "
+        "encoder (22M parameters: it fits in float32). Leave model.quantize at none, or use "
+        "model.name=smollm2-135m-instruct.")
   if family == "llama" and task == "classification":
     raise ConfigError(
         f"data.task=classification needs an encoder; {cfg.model.name} is a decoder. Use "
@@ -691,17 +696,39 @@ def _load_model(cfg: Config, family: str, num_labels: int | None) -> _Model:
 
     return _Model("bert", params, tokenizer, module, forward)
   llama = _llama_modules()
-  config, params = _llama_io().load_llama(path, dtype=jnp.float32)
+  config, params = _load_llama_params(path, cfg.model.quantize)
   remat = cfg.model.remat
 
   def forward(p, batch, deterministic, rng):
     del deterministic, rng
     if dtype != jnp.float32:
-      p = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p)
+      p = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p,
+                       is_leaf=jlora.is_quantized)
     return llama.llama_forward(p, batch["input_ids"], config,
                                attention_mask=batch.get("attention_mask"), remat=remat)
 
   return _Model("llama", params, tokenizer, config, forward)
+
+
+_QUANT_SPECS = {"nf4": "NF4", "fp4": "FP4", "int8": "Int8", "q4_0": "Q4_0", "q4_1": "Q4_1",
+                "q8_0": "Q8_0"}
+
+
+def _load_llama_params(path, quantize: str):
+  """A decoder's config and params, the frozen base stored as ``model.quantize`` says."""
+  io = _llama_io()
+  if quantize == "gguf":
+    if Path(path).suffix.lower() != ".gguf":
+      raise ConfigError(f"model.quantize=gguf keeps a GGUF file's blocks, but {path} is not a "
+                        ".gguf file; use model.quantize=nf4 (or q4_1, int8, ...) to quantise it")
+    return io.load_llama(path, dtype=jnp.float32, keep_quantized=True)
+  config, params = io.load_llama(path, dtype=jnp.float32)
+  if quantize == "none":
+    return config, params
+  spec = getattr(jlora, _QUANT_SPECS[quantize])
+  # an untied lm_head stays float, as transformers' bitsandbytes integration keeps it
+  rules = {"layers/**/kernel": spec(stack_axes=1), "embed_tokens/embedding": spec()}
+  return config, jlora.quantize(params, rules)
 
 
 #: the ``method.name`` values that put an adapter on each target kernel
@@ -1061,7 +1088,7 @@ def _make_eval_fn(cfg: Config, model: _Model):
   @jax.jit
   def run(trainable, frozen, batch):
     tree = jlora.combine(trainable, frozen) if trainable is not None else frozen
-    params = jlora.merge(tree) if trainable is not None else tree
+    params = jlora.merge(tree)  # also dequantises a quantised base (model.quantize)
     logits = model.forward(params, batch, True, None)
     loss, count = _loss_sum(task, logits, batch)
     if task == "classification":

@@ -230,6 +230,34 @@ def test_train_step_on_quantised_base(qlora):
                                 np.asarray(tree["layers"]["w"].w.data))
 
 
+@pytest.mark.parametrize("spec", [jlora.LoRA(4), jlora.DoRA(4), jlora.IA3(), jlora.IA3(feedforward=True),
+                                  jlora.VeRA(16), jlora.LoRA(4, init="pissa")], ids=str)
+def test_every_method_on_a_quantised_base(spec):
+  """Each adapter kind on an NF4 base computes what it computes on the dequantised base."""
+  w = jax.random.normal(jax.random.key(0), (64, 32)) * 0.1
+  q = jlora.quantize({"k": w}, {"k": jlora.NF4()})
+  x = jax.random.normal(jax.random.key(1), (3, 64))
+  f = lambda p, x: jnp.sum(jnp.tanh(x @ p["k"]))  # noqa: E731
+  tree = jlora.wrap(q, {"k": spec}, key=jax.random.key(2))
+  dense = jax.tree.map(lambda z: z.dequantize() if jlora.is_quantized(z) else z, tree,
+                       is_leaf=jlora.is_quantized)
+  trainable, frozen = jlora.split(tree)
+  _, frozen_d = jlora.split(dense)
+  loss = lambda tr, fr: jlora.lora(f)(jlora.combine(tr, fr), x)  # noqa: E731
+  v1, g1 = jax.value_and_grad(loss)(trainable, frozen)
+  v2, g2 = jax.value_and_grad(loss)(trainable, frozen_d)
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  np.testing.assert_allclose(v1, f(jlora.merge(dense), x), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_full_on_a_quantised_leaf_is_an_error():
+  q = jlora.quantize({"k": jnp.ones((64, 8))}, {"k": jlora.NF4()})
+  with pytest.raises(jlora.QuantizationError, match="trains 'k' in full.*frozen"):
+    jlora.wrap(q, {"k": jlora.Full()}, key=jax.random.key(0))
+
+
 # -- merge / unmerge ------------------------------------------------------------------------------
 
 def test_merge_onto_quantised_base(qlora):
@@ -284,3 +312,29 @@ def test_bad_input_errors_and_nothing_modified():
     jlora.quantize(params, {"nothing/here": jlora.NF4()})
   for k, v in before.items():
     np.testing.assert_array_equal(np.asarray(params[k]), v)
+
+
+@pytest.mark.parametrize("spec", [jlora.NF4(), jlora.Int8(), jlora.Q4_1(), jlora.Q8_0()], ids=str)
+def test_tied_output_projection_in_row_chunks(spec, monkeypatch):
+  """``h @ E^T`` over a large quantised embedding runs in row chunks (values and input gradient as
+  on the dequantised table), and a lookup decodes only its rows."""
+  from jlora import _rewrite
+  monkeypatch.setattr(_rewrite, "_CHUNK_BYTES", 1000)
+  monkeypatch.setattr(_rewrite, "_CHUNK_TARGET", 20000)
+  assert _rewrite._row_chunks(512, 128) == 16
+  emb = jax.random.normal(jax.random.key(0), (512, 128)) * 0.1
+  q = jlora.quantize({"e": {"embedding": emb}}, {"e/embedding": spec})
+  assert q["e"]["embedding"].axes == jlora.Axes((), (1,), (0,))  # row by row, blocks along features
+  d = {"e": {"embedding": q["e"]["embedding"].dequantize()}}
+  ids = jnp.array([[3, 511, 0], [7, 7, 100]])
+
+  def g(p, h):
+    e = p["e"]["embedding"]
+    return jnp.sum(jnp.sin(jnp.einsum("btd,vd->btv", h + e[ids], e)))
+  h = jax.random.normal(jax.random.key(1), (2, 3, 128))
+  a, ga = jax.value_and_grad(lambda h: jlora.lora(g)(q, h))(h)
+  b, gb = jax.value_and_grad(lambda h: g(d, h))(h)
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-5)
+  text = jax.jit(jax.grad(lambda h: jlora.lora(g)(q, h))).lower(h).compile().as_text()
+  assert "f32[512,128]" not in text and "f32[32,128]" in text  # chunks of 32 rows, never the table

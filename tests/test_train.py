@@ -543,3 +543,21 @@ def test_instruction_tuning_scores_only_the_response(tiny):
   # Scored tokens per example: the response word plus EOS ([SEP]) = 2, over 48 rows.
   assert res.metrics["test"]["tokens"] == 2 * len(rows)
   assert res.metrics["test"]["perplexity"] < 2.5  # the response is a function of the prompt
+
+
+def test_causal_lm_on_a_quantised_base(tiny):
+  """model.quantize: the base is stored quantised, LoRA trains on it, and the run's reported
+  perplexity is what the saved adapters give on the same quantised base."""
+  cfg = load_config(overrides=_lm_overrides(tiny, "lm-q8", **{"model.quantize": "q8_0"}))
+  base = evaluate_run(load_run(cfg=cfg, base=True), "test")
+  res = train(cfg, log=_quiet)
+  assert res.metrics["test"]["perplexity"] < 0.5 * base["perplexity"]
+  run = load_run(res.output_dir)
+  kernel = run.tree["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert jlora.is_quantized(kernel.w) and kernel.w.spec.kind == "q8_0"
+  again = evaluate_run(run, "test")
+  assert again["perplexity"] == pytest.approx(res.metrics["test"]["perplexity"], rel=1e-5)
+  with pytest.raises(ConfigError, match="model.quantize=gguf keeps a GGUF file"):
+    train(load_config(overrides=_lm_overrides(tiny, "lm-gg", **{"model.quantize": "gguf"})), log=_quiet)
+  with pytest.raises(ConfigError, match="model.quantize"):
+    load_config(overrides=_lm_overrides(tiny, "lm-x", **{"model.quantize": "nf5"}))
