@@ -37,6 +37,7 @@ import numpy as np
 
 from jlora._checkpoint import _short, atomic_write_dir, safe_child
 from jlora._errors import CheckpointError, ModelError, SpecError, TreeError
+from jlora._quant import is_quantized
 from jlora._paths import path_str
 from jlora._methods.dora import DoRA, DoraWeight
 from jlora._spec import LoRA
@@ -489,6 +490,11 @@ def _resolve_mapping(mapping: Any, tree: Any, torch_names: list[str] | None = No
       "mapping=jlora.PeftMapping({jlora module path: torch module name, ...}) ('{i}' for the layer index)")
 
 
+def _whole(x) -> bool:
+  """Adapters and quantised bases are single leaves here (a QLoRA base is an ordinary base)."""
+  return is_adapted(x) or is_quantized(x)
+
+
 def _adapted(tree: Any) -> list[tuple[str, Any]]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
   return [(path_str(kp), x) for kp, x in flat if is_adapted(x)]
@@ -655,7 +661,7 @@ def _config_for(lora_modules: dict, full_modules: list[str], m: PeftMapping, lea
 def _leaves_by_module(tree: Any) -> dict[str, list[tuple[str, Any]]]:
   """jlora module path -> ``[(leaf name, leaf or adapter)]`` for every leaf of the tree."""
   out = collections.defaultdict(list)
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_whole)
   for kp, x in flat:
     module, leaf = _split_path(path_str(kp))
     out[module].append((leaf, x))
@@ -767,7 +773,7 @@ def _pattern_value(patterns: dict, name: str, default):
 
 def _plain_leaves(params: Any) -> tuple[list, Any, dict[str, int]]:
   """``(leaves, treedef, {path: position})`` of plain params (TreeError for a wrapped tree)."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapted)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_whole)
   leaves = [x for _, x in flat]
   if any(is_adapted(x) for x in leaves):
     raise TreeError("load_peft needs the plain base params, not a wrapped tree; pass the params "

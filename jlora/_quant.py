@@ -38,7 +38,6 @@ import numpy as np
 
 from jlora._adapter import Axes, from_matrix, group_shapes, infer_axes, is_adapted, to_matrix
 from jlora._errors import JloraError, SpecError
-from jlora._paths import path_str
 
 __all__ = ["NF4", "FP4", "Int8", "Q4_0", "Q4_1", "Q8_0", "QuantizedArray", "quantize", "is_quantized", "dense",
            "NF4_VALUES", "FP4_VALUES", "dynamic_map"]
@@ -526,27 +525,15 @@ def quantize(params: Any, rules) -> Any:
     >>> type(tree["q"]["kernel"]).__name__, tree["norm"]["scale"].shape
     ('QuantizedArray', (8,))
   """
-  from jlora._tree import _check_all_rules_used, normalise_rules  # noqa: PLC0415 - import cycle
+  from jlora._tree import map_rules  # noqa: PLC0415 - import cycle
 
-  compiled = normalise_rules(rules)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
-  paths = [path_str(kp) for kp, _ in flat]
-  used: dict[str, int] = {}
-  out = []
-  for path, (_, leaf) in zip(paths, flat):
-    rule, spec = compiled.match(path, leaf)
-    new = leaf
-    if spec is not None:
-      if not isinstance(spec, _QSpec):
-        raise SpecError(f"rule {rule!r} maps {path!r} to {spec!r}; jlora.quantize takes jlora.NF4(), "
-                        "jlora.FP4(), jlora.Int8(), jlora.Q4_0(), jlora.Q4_1() or jlora.Q8_0() (adapters go through jlora.wrap afterwards)")
-      if is_adapted(leaf) or is_quantized(leaf):
-        raise QuantizationError(f"{path!r} is already a {type(leaf).__name__}; quantise the plain "
-                                "params first, then jlora.wrap them")
-      new = _quantize_leaf(path, leaf, spec)
-    if rule is not None:
-      used[rule] = used.get(rule, 0) + (1 if (new is not leaf or spec is None) else 0)
-    out.append(new)
-  _check_all_rules_used(compiled, used, paths, flat)
-  return jax.tree_util.tree_unflatten(treedef, out)
+  def quantise(path, leaf, spec, rule):
+    if not isinstance(spec, _QSpec):
+      raise SpecError(f"rule {rule!r} maps {path!r} to {spec!r}; jlora.quantize takes jlora.NF4(), "
+                      "jlora.FP4(), jlora.Int8(), jlora.Q4_0(), jlora.Q4_1() or jlora.Q8_0() "
+                      "(adapters go through jlora.wrap afterwards)")
+    if is_adapted(leaf) or is_quantized(leaf):
+      raise QuantizationError(f"{path!r} is already a {type(leaf).__name__}; quantise the plain "
+                              "params first, then jlora.wrap them")
+    return _quantize_leaf(path, leaf, spec)
+  return map_rules(params, rules, quantise)

@@ -61,28 +61,41 @@ def wrap(params: Any, rules: Rules, *, key: jax.Array) -> Any:
   """
   from jlora._quant import is_quantized  # noqa: PLC0415 - _quant imports this module's helpers
 
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapted)[0]:
+    if is_adapted(leaf):
+      raise TreeError(
+          f"the tree is already wrapped (leaf {path_str(kp)!r} is a {type(leaf).__name__}); wrap "
+          "the original params, or call jlora.merge(tree) first to fold the adapters in")
+
+  def adapt(path, leaf, spec, rule):
+    if is_quantized(leaf) and isinstance(spec, Full):
+      from jlora._quant import QuantizationError  # noqa: PLC0415
+      raise QuantizationError(
+          f"rule {rule!r} trains {path!r} in full, but it is a quantised base "
+          f"({leaf.spec.kind}); a quantised leaf is frozen. Leave it out of jlora.quantize's "
+          "rules to train it in full, or put an adapter (jlora.LoRA, ...) on it")
+    return _adapt(path, leaf, spec, rule, key)
+  return map_rules(params, rules, adapt)
+
+
+def map_rules(params: Any, rules: Rules, fn) -> Any:
+  """``params`` with each leaf a rule matches replaced by ``fn(path, leaf, spec, rule)``.
+
+  Adapter and quantised leaves count as leaves. A rule that matches no leaf
+  (or only leaves ``fn`` returns unchanged) is a :class:`RuleError`, as in
+  :func:`wrap`; nothing is returned on any error.
+  """
+  from jlora._quant import is_quantized  # noqa: PLC0415 - _quant imports this module's helpers
+
   compiled = normalise_rules(rules)
   flat, treedef = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
   paths = [path_str(kp) for kp, _ in flat]
-  for path, (_, leaf) in zip(paths, flat):
-    if is_adapted(leaf):
-      raise TreeError(
-          f"the tree is already wrapped (leaf {path!r} is a {type(leaf).__name__}); wrap the "
-          "original params, or call jlora.merge(tree) first to fold the adapters in")
   used: dict[str, int] = {}
   out = []
   for path, (_, leaf) in zip(paths, flat):
     rule, spec = compiled.match(path, leaf)
-    new = leaf
-    if spec is not None:
-      if is_quantized(leaf) and isinstance(spec, Full):
-        from jlora._quant import QuantizationError  # noqa: PLC0415
-        raise QuantizationError(
-            f"rule {rule!r} trains {path!r} in full, but it is a quantised base "
-            f"({leaf.spec.kind}); a quantised leaf is frozen. Leave it out of jlora.quantize's "
-            "rules to train it in full, or put an adapter (jlora.LoRA, ...) on it")
-      new = _adapt(path, leaf, spec, rule, key)
+    new = leaf if spec is None else fn(path, leaf, spec, rule)
     if rule is not None:
       used.setdefault(rule, 0)
       if new is not leaf or spec is None:

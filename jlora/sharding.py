@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jlora._errors import ShardingError
 from jlora._paths import closest_paths, compile_pattern, path_str
 from jlora._adapter import Adapter, Axes, factor_layouts, is_adapted
+from jlora._quant import QuantizedArray, is_quantized
 
 __all__ = [
     "P", "PRESETS", "LLAMA_AXES", "BERT_AXES", "ShardingRules", "adapter_specs", "tree_specs",
@@ -505,9 +506,37 @@ def _norm_axes(ax, what: str) -> tuple[str, ...] | None:
 
 def _entries(tree) -> tuple[list[tuple[str, Any]], Any]:
   """(path, node) for every base leaf: arrays, adapter nodes and ``None`` halves."""
-  is_leaf = lambda x: x is None or is_adapted(x)  # noqa: E731
+  is_leaf = lambda x: x is None or is_adapted(x) or is_quantized(x)  # noqa: E731
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   return [(path_str(kp), x) for kp, x in flat], treedef
+
+
+def _quant_specs(path: str, q: QuantizedArray, spec) -> QuantizedArray:
+  """The children's specs of a quantised kernel sharded as ``spec`` (a spec of the kernel).
+
+  Stacked axes keep their entries. The codes and scales are stored per output unit, blocks
+  along its inputs, so they shard with the kernel's output axis (whole rows, so a block is
+  never split) and the second-level scales of NF4's double quantisation are replicated. A
+  sharded input axis cannot cut the packed rows: those children are replicated along it.
+  """
+  if isinstance(spec, QuantizedArray):
+    return spec
+  e = _spec_entries(path, P() if spec is None else spec, q.ndim)
+  ax = q.axes
+  stack = [e[i] for i in ax.stack]
+  outs = [e[i] for i in ax.outputs if e[i] is not None]
+  out_e = outs[0] if len(outs) == 1 and len(ax.outputs) == 1 else None
+  if q.spec.kind == "int8":
+    in_e = e[ax.inputs[0]] if len(ax.inputs) == 1 else None
+    data, absmax = P(*stack, out_e, in_e), P(*stack, out_e)
+  else:
+    data = absmax = P(*stack, out_e)
+  offset = None
+  if q.offset is not None:
+    offset = absmax if q.spec.kind == "q4_1" else P(*stack)
+  absmax2 = None if q.absmax2 is None else P(*stack, None)
+  return QuantizedArray(data, absmax, absmax2, offset, spec=q.spec, axes=q.axes, shape=q.shape,
+                        dtype=q.dtype)
 
 
 def _base_shape(node) -> tuple[int, ...] | None:
@@ -548,8 +577,11 @@ def _node_spec(path: str, node, spec):
     given = spec if isinstance(spec, Adapter) else None
     w_spec = given.w if given is not None else spec
     w_spec = P() if w_spec is None else w_spec
+    if isinstance(w_spec, QuantizedArray):  # a spec tree built by tree_specs: use it as it is
+      return node.replace(**{n: (None if getattr(node, n) is None else getattr(given, n))
+                             for n in node.children()})
     e = _spec_entries(path, w_spec, node.ndim)
-    out = {"w": w_spec}
+    out = {"w": _quant_specs(path, node.w, w_spec) if is_quantized(node.w) else w_spec}
     for name, layout in node.layouts().items():
       kept = getattr(given, name, None) if given is not None else None
       out[name] = kept if kept is not None else P(*[None if i is None else e[i] for i in layout])
@@ -557,6 +589,8 @@ def _node_spec(path: str, node, spec):
                            for n in node.children()})
   if isinstance(spec, Adapter):
     raise ShardingError(f"{path!r}: the spec tree holds an adapter here but the tree a plain leaf")
+  if is_quantized(node):
+    return _quant_specs(path, node, spec)
   return P() if spec is None else spec
 
 
@@ -592,7 +626,7 @@ def _mapping_specs(entries, specs: Mapping) -> list:
 
 
 def _pytree_specs(entries, specs) -> list:
-  is_leaf = lambda x: x is None or isinstance(x, PartitionSpec) or is_adapted(x)  # noqa: E731
+  is_leaf = lambda x: x is None or isinstance(x, PartitionSpec) or is_adapted(x) or is_quantized(x)  # noqa: E731
   try:
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_leaf)[0]
   except Exception as e:  # pragma: no cover - exotic containers
@@ -613,7 +647,7 @@ def _pytree_specs(entries, specs) -> list:
     raise ShardingError("the spec tree lists the tree's leaves in another order; build it with "
                         "jax.tree.map over the params")
   for (path, node), (_, s) in zip(entries, flat):
-    if s is not None and not isinstance(s, (PartitionSpec, Adapter)):
+    if s is not None and not isinstance(s, (PartitionSpec, Adapter, QuantizedArray)):
       raise ShardingError(
           f"{path!r}: the spec {s!r} is not a jax.sharding.PartitionSpec; write e.g. P(None, 'model')")
   return [s for _, s in flat]

@@ -338,3 +338,30 @@ def test_tied_output_projection_in_row_chunks(spec, monkeypatch):
   np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-5)
   text = jax.jit(jax.grad(lambda h: jlora.lora(g)(q, h))).lower(h).compile().as_text()
   assert "f32[512,128]" not in text and "f32[32,128]" in text  # chunks of 32 rows, never the table
+
+
+def test_peft_and_orbax_adapters_round_trip_on_a_quantised_base(tmp_path):
+  """QLoRA adapters are ordinary LoRA adapters: save_peft / load_peft and save_adapters /
+  load_adapters work on a quantised tree and give back the same model."""
+  from jlora.models.llama import LlamaConfig, init_llama, llama_forward
+
+  cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                    num_kv_heads=2)
+  q = jlora.quantize(init_llama(cfg, jax.random.key(0)),
+                     {"layers/**/kernel": jlora.NF4(block_size=32, stack_axes=1)})
+  tree = jlora.wrap(q, {"layers/self_attn/{q_proj,v_proj}/kernel": jlora.LoRA(4, stack_axes=1)},
+                    key=jax.random.key(1))
+  for n in ("q_proj", "v_proj"):
+    leaf = tree["layers"]["self_attn"][n]["kernel"]
+    tree["layers"]["self_attn"][n]["kernel"] = leaf.replace(b=jnp.full(leaf.b.shape, 0.05))
+  f = jlora.lora(lambda p, i: llama_forward(p, i, cfg))
+  ids = jnp.array([[1, 2, 3, 4]])
+  want = f(tree, ids)
+  back = jlora.load_peft(jlora.save_peft(tmp_path / "peft", tree, mapping="llama"), q, mapping="llama")
+  assert jlora.is_quantized(back["layers"]["self_attn"]["q_proj"]["kernel"].w)
+  np.testing.assert_array_equal(f(back, ids), want)
+  jlora.save_adapters(tmp_path / "orbax", tree)
+  np.testing.assert_array_equal(f(jlora.load_adapters(tmp_path / "orbax", q), ids), want)
+  # the fingerprint knows the base is quantised: the float base is another base
+  with pytest.raises(jlora.CheckpointError):
+    jlora.load_adapters(tmp_path / "orbax", jlora.merge(q))  # merge: the dequantised base

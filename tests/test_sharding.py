@@ -506,3 +506,43 @@ def test_dropout_keys_are_per_micro_batch_and_the_same_sharded():
   t0, c0 = noisy(params, evens, jax.random.fold_in(k, 0))
   t1, c1 = noisy(params, odds, jax.random.fold_in(k, 1))
   np.testing.assert_allclose(l1, float((t0 + t1) / (c0 + c1)), rtol=1e-6)
+
+
+# --- a quantised base (QLoRA) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qtree():
+  q = jlora.quantize(llama_params(), {"layers/**/kernel": jlora.NF4(block_size=32, stack_axes=1),
+                                      "embed_tokens/embedding": jlora.Q8_0()})
+  tree = jlora.wrap(q, {"layers/self_attn/{q_proj,v_proj}/kernel": jlora.LoRA(4, stack_axes=1)},
+                    key=jax.random.key(1))
+  for name in ("q_proj", "v_proj"):
+    leaf = tree["layers"]["self_attn"][name]["kernel"]
+    tree["layers"]["self_attn"][name]["kernel"] = leaf.replace(b=jnp.full(leaf.b.shape, 0.05))
+  return tree
+
+
+@pytest.mark.parametrize("shape, preset", [((4, 2), "fsdp_tp"), ((8,), "tp")])
+def test_quantised_base_shards_with_its_kernel_and_steps_equal_single_device(qtree, shape, preset):
+  mesh = sharding.make_mesh(shape, preset)
+  specs = sharding.tree_specs(qtree, preset, mesh=mesh)
+  model = "model" if "model" in mesh.axis_names else None
+  q = specs["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert jlora.is_quantized(q.w)
+  # q_proj's outputs (heads) shard over the model axis: its packed rows and scales follow them
+  assert q.w.data == P(None, model) and q.w.absmax == P(None, model)
+  assert q.w.absmax2 == P(None, None) and q.w.offset == P(None)
+  up = specs["layers"]["mlp"]["up_proj"]["kernel"]
+  assert up.data == P(None, model)
+  emb = specs["embed_tokens"]["embedding"]  # rows are vocabulary entries
+  assert emb.data == P(model) and emb.absmax == P(model)
+  ref_losses, ref_state, _, _ = run(qtree)
+  losses, state, frozen, _ = run(qtree, mesh, preset)
+  np.testing.assert_allclose(losses, ref_losses, atol=TOL)
+  assert max_diff(state.trainable, jax.device_get(ref_state.trainable)) <= TOL
+  t_specs, f_specs = jlora.split(specs)
+  _assert_placed(frozen, f_specs, mesh)
+  per_dev = sharding.per_device_bytes(frozen)
+  total = sum(x.nbytes for x in jax.tree.leaves(frozen))
+  assert max(per_dev.values()) < total  # the packed base is spread out, not replicated
