@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._errors import CheckpointError, JloraError, TreeError
-from jlora._quant import is_quantized
+from jlora._quant import is_quantized, is_whole
 from jlora._paths import path_str
 from jlora._adapter import Axes, is_adapted, leaf_class
 from jlora._adapter import spec_from_json as _spec_from_json
@@ -378,7 +378,7 @@ def plan_restore(entries: list[dict], params: Any, *, where: str) -> dict:
 
   Returns a plan for :func:`apply_restore`. Raises CheckpointError on any mismatch.
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_whole)
   paths = [path_str(kp) for kp, _ in flat]
   leaves = [x for _, x in flat]
   index = {p: i for i, p in enumerate(paths)}
@@ -660,8 +660,7 @@ def _adapted(tree: Any) -> list[tuple[str, Any]]:
 
 def _base_leaves(tree: Any) -> list[tuple[str, Any, bool]]:
   """(path, base array, trained?) for every array leaf of plain params or a wrapped tree."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_whole)
   out = []
   for kp, x in flat:
     p = path_str(kp)

@@ -37,7 +37,7 @@ import numpy as np
 
 from jlora._checkpoint import _short, atomic_write_dir, safe_child
 from jlora._errors import CheckpointError, ModelError, SpecError, TreeError
-from jlora._quant import is_quantized
+from jlora._quant import is_whole
 from jlora._paths import path_str
 from jlora._methods.dora import DoRA, DoraWeight
 from jlora._spec import LoRA
@@ -490,11 +490,6 @@ def _resolve_mapping(mapping: Any, tree: Any, torch_names: list[str] | None = No
       "mapping=jlora.PeftMapping({jlora module path: torch module name, ...}) ('{i}' for the layer index)")
 
 
-def _whole(x) -> bool:
-  """Adapters and quantised bases are single leaves here (a QLoRA base is an ordinary base)."""
-  return is_adapted(x) or is_quantized(x)
-
-
 def _adapted(tree: Any) -> list[tuple[str, Any]]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
   return [(path_str(kp), x) for kp, x in flat if is_adapted(x)]
@@ -661,7 +656,7 @@ def _config_for(lora_modules: dict, full_modules: list[str], m: PeftMapping, lea
 def _leaves_by_module(tree: Any) -> dict[str, list[tuple[str, Any]]]:
   """jlora module path -> ``[(leaf name, leaf or adapter)]`` for every leaf of the tree."""
   out = collections.defaultdict(list)
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_whole)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_whole)
   for kp, x in flat:
     module, leaf = _split_path(path_str(kp))
     out[module].append((leaf, x))
@@ -773,7 +768,7 @@ def _pattern_value(patterns: dict, name: str, default):
 
 def _plain_leaves(params: Any) -> tuple[list, Any, dict[str, int]]:
   """``(leaves, treedef, {path: position})`` of plain params (TreeError for a wrapped tree)."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_whole)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_whole)
   leaves = [x for _, x in flat]
   if any(is_adapted(x) for x in leaves):
     raise TreeError("load_peft needs the plain base params, not a wrapped tree; pass the params "

@@ -298,27 +298,34 @@ class QuantizedArray:
     m = jnp.swapaxes(wt, -1, -2)
     return from_matrix(m, self.shape, self.axes).astype(self.dtype)
 
-  def take_rows(self, ids) -> jax.Array:
-    """Dequantised rows ``w[ids]`` of a 2-D table quantised row by row (an embedding: axes
-    ``inputs=(1,), outputs=(0,)``), decoding only those rows. ``ids``: in-range ints, any shape."""
+  def row_parts(self) -> tuple:
+    """``(codes, scales, mins)`` of a 2-D table quantised row by row (an embedding: axes
+    ``inputs=(1,), outputs=(0,)``), each with one leading entry per row (``mins``: Q4_1's, else
+    None); double-quantised scales come decoded. Slice them and pass them to :meth:`rows_from`."""
     if self.axes != Axes((), (1,), (0,)):
-      raise ValueError(f"take_rows needs a row-quantised 2-D table, not axes {self.axes}")
-    n_rows, n_in = self.shape
-    flat = jnp.reshape(ids, (-1,))
-    data, absmax = self.data.reshape(n_rows, -1)[flat], self.absmax
+      raise ValueError(f"row_parts needs a row-quantised 2-D table, not axes {self.axes}")
+    n_rows = self.shape[0]
+    absmax = self.absmax
     if self.absmax2 is not None:
       absmax = _dq_blockwise(absmax, self.absmax2, 256) + self.offset[..., None]
-    absmax = absmax.reshape(n_rows, -1)[flat]
-    offset = None
-    if self.spec.kind == "q4_1":
-      offset = self.offset.reshape(n_rows, -1)[flat]
-    part = QuantizedArray(data.reshape(-1) if self.spec.kind != "int8" else data,
-                          absmax.reshape(-1) if self.spec.kind != "int8" else absmax[:, 0],
-                          None, None if offset is None else offset.reshape(-1),
-                          spec=dataclasses.replace(self.spec, double_quant=False)
-                          if isinstance(self.spec, NF4) else self.spec,
-                          axes=self.axes, shape=(flat.shape[0], n_in), dtype=self.dtype)
-    return part.dequantize().reshape(tuple(jnp.shape(ids)) + (n_in,))
+    mins = self.offset.reshape(n_rows, -1) if self.spec.kind == "q4_1" else None
+    return self.data.reshape(n_rows, -1), absmax.reshape(n_rows, -1), mins
+
+  def rows_from(self, codes, scales, mins) -> jax.Array:
+    """The dequantised ``(k, n_in)`` rows that slices of :meth:`row_parts` hold."""
+    k, int8 = codes.shape[0], self.spec.kind == "int8"
+    spec = dataclasses.replace(self.spec, double_quant=False) if isinstance(self.spec, NF4) else self.spec
+    part = QuantizedArray(codes if int8 else codes.reshape(-1), scales[:, 0] if int8 else scales.reshape(-1),
+                          None, None if mins is None else mins.reshape(-1), spec=spec, axes=self.axes,
+                          shape=(k, self.shape[1]), dtype=self.dtype)
+    return part.dequantize()
+
+  def take_rows(self, ids) -> jax.Array:
+    """Dequantised rows ``w[ids]`` of a 2-D table quantised row by row, decoding only those
+    rows. ``ids``: in-range ints, any shape."""
+    flat = jnp.reshape(ids, (-1,))
+    rows = self.rows_from(*(None if p is None else p[flat] for p in self.row_parts()))
+    return rows.reshape(tuple(jnp.shape(ids)) + (self.shape[1],))
 
   def __repr__(self):
     return f"QuantizedArray({self.spec.kind}, shape={self.shape}, dtype={self.dtype.name}, spec={self.spec})"
@@ -343,6 +350,11 @@ def is_quantized(x: Any) -> bool:
     [False, True]
   """
   return isinstance(x, QuantizedArray)
+
+
+def is_whole(x: Any) -> bool:
+  """True for an adapter or a quantised base: the nodes that tree walks keep as one leaf."""
+  return is_adapted(x) or is_quantized(x)
 
 
 def dense(w: Any) -> Any:

@@ -20,7 +20,6 @@ builds its own in ``lazy()`` (see :mod:`jlora._adapter`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import re
 import string
@@ -37,7 +36,7 @@ from jlora._adapter import Axes, is_adapted
 from jlora._errors import JloraError, TreeError
 from jlora._lazy import Lazy, Term, from_kernel
 from jlora._paths import path_str
-from jlora._quant import QuantizedArray, is_quantized
+from jlora._quant import QuantizedArray, dense, is_quantized, is_whole
 
 try:  # name stacks make profiles and HLO readable; optional
   from jax._src import source_info_util as _siu
@@ -176,28 +175,16 @@ def _row_chunked_dot(eqn, operands, qpos: int):
   x = operands[0]
   k = _row_chunks(n_rows, n_in)
   rows = n_rows // k
-  q = qb.q
-  absmax = q.absmax
-  if q.absmax2 is not None:  # decode the scales once (small): each chunk slices them
-    from jlora._quant import _dq_blockwise  # noqa: PLC0415
-    absmax = _dq_blockwise(absmax, q.absmax2, 256) + q.offset[..., None]
-  per = lambda a: None if a is None else a.reshape(k, rows, -1)  # noqa: E731
-  data, scales = per(q.data), per(absmax)
-  mins = per(q.offset) if q.spec.kind == "q4_1" else None
-  spec = dataclasses.replace(q.spec, double_quant=False) if hasattr(q.spec, "double_quant") else q.spec
+  # the rows' codes and (decoded, small) scales, cut into k chunks of `rows` rows
+  xs = tuple(None if p is None else p.reshape((k, rows) + p.shape[1:]) for p in qb.q.row_parts())
 
   def chunk_w(d, s, m):
-    flat = (lambda a: a.reshape(-1)) if q.spec.kind != "int8" else (lambda a: a)
-    one = QuantizedArray(flat(d), s.reshape(-1) if q.spec.kind != "int8" else s[:, 0], None,
-                         None if m is None else m.reshape(-1), spec=spec, axes=q.axes,
-                         shape=(rows, n_in), dtype=q.dtype)
-    w = one.dequantize()
+    w = qb.q.rows_from(d, s, m)
     for e, rest in qb.ops:
       w = _bind(e, [w, *rest])
     return w
 
   out_dtype = eqn.outvars[0].aval.dtype
-  xs = (data, scales, mins)
 
   def fwd_all(x):
     ys = lax.map(lambda c: _bind(eqn, [x, chunk_w(*c)]), xs)  # (k, ..., rows)
@@ -317,8 +304,7 @@ def lift(fn: Callable[..., Any], *, strict: bool, unroll: bool = False) -> Calla
   XLA's cost analysis counts a loop body once).
   """
   def lifted(*args, lora_key=None, **kwargs):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(
-        (args, kwargs), is_leaf=lambda x: is_adapted(x) or is_quantized(x))
+    flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_whole)
     dyn_pos, dyn_vals, lazies = [], [], {}
     static = [None] * len(flat)
     for i, (kp, leaf) in enumerate(flat):
@@ -343,8 +329,7 @@ def lift(fn: Callable[..., Any], *, strict: bool, unroll: bool = False) -> Calla
                           else leaf.w)
         else:
           dyn_pos.append(i)
-          dyn_vals.append(leaf.replace(w=leaf.w.dequantize()).merged() if is_quantized(leaf.w)
-                          else leaf.merged())
+          dyn_vals.append(leaf.replace(w=dense(leaf.w)).merged())
       elif isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
         dyn_pos.append(i)
         dyn_vals.append(leaf)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jlora._adapter import AdapterSpec, Axes, acc_dtype, infer_axes, is_adapted
 from jlora._errors import RuleError, TreeError
 from jlora._methods.lora import Full, FullWeight, LoraWeight, adapter_dtype, is_array
 from jlora._paths import CompiledRules, Rules, closest_paths, normalise_rules, path_str
+from jlora._quant import QuantizationError, dense, is_quantized, is_whole, requantize_like
 
 __all__ = [
     "Axes", "LoraWeight", "FullWeight", "wrap", "split", "combine", "merge", "unmerge",
@@ -59,8 +61,6 @@ def wrap(params: Any, rules: Rules, *, key: jax.Array) -> Any:
     >>> bool(jnp.array_equal(jlora.merge(tree)["dense"]["kernel"], params["dense"]["kernel"]))
     True
   """
-  from jlora._quant import is_quantized  # noqa: PLC0415 - _quant imports this module's helpers
-
   for kp, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapted)[0]:
     if is_adapted(leaf):
       raise TreeError(
@@ -69,7 +69,6 @@ def wrap(params: Any, rules: Rules, *, key: jax.Array) -> Any:
 
   def adapt(path, leaf, spec, rule):
     if is_quantized(leaf) and isinstance(spec, Full):
-      from jlora._quant import QuantizationError  # noqa: PLC0415
       raise QuantizationError(
           f"rule {rule!r} trains {path!r} in full, but it is a quantised base "
           f"({leaf.spec.kind}); a quantised leaf is frozen. Leave it out of jlora.quantize's "
@@ -85,11 +84,8 @@ def map_rules(params: Any, rules: Rules, fn) -> Any:
   (or only leaves ``fn`` returns unchanged) is a :class:`RuleError`, as in
   :func:`wrap`; nothing is returned on any error.
   """
-  from jlora._quant import is_quantized  # noqa: PLC0415 - _quant imports this module's helpers
-
   compiled = normalise_rules(rules)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_whole)
   paths = [path_str(kp) for kp, _ in flat]
   used: dict[str, int] = {}
   out = []
@@ -139,11 +135,8 @@ def split(tree: Any) -> tuple[Any, Any]:
       return x.replace(**{n: None for n in x.children() if n not in names})
     return go
 
-  from jlora._quant import is_quantized  # noqa: PLC0415 - _quant imports this module's helpers
-
-  whole = lambda x: is_adapted(x) or is_quantized(x)  # noqa: E731 - a quantised base is frozen
-  return (jax.tree.map(half("trainable"), tree, is_leaf=whole),
-          jax.tree.map(half("frozen"), tree, is_leaf=whole))
+  return (jax.tree.map(half("trainable"), tree, is_leaf=is_whole),  # a quantised base is frozen
+          jax.tree.map(half("frozen"), tree, is_leaf=is_whole))
 
 
 def combine(trainable: Any, frozen: Any) -> Any:
@@ -159,8 +152,6 @@ def combine(trainable: Any, frozen: Any) -> Any:
     >>> jax.tree.structure(jlora.combine(*jlora.split(tree))) == jax.tree.structure(tree)
     True
   """
-  from jlora._quant import is_quantized  # noqa: PLC0415 - _quant imports this module's helpers
-
   is_none = lambda x: x is None or is_quantized(x)  # noqa: E731 - a quantised base is one leaf
   s1 = jax.tree.structure(trainable, is_leaf=is_none)
   s2 = jax.tree.structure(frozen, is_leaf=is_none)
@@ -206,8 +197,6 @@ def merge(tree: Any, *, requantize: bool = False, dtype: Any = None) -> Any:
     >>> jlora.merge(tree)["k"].shape
     (4, 4)
   """
-  from jlora._quant import dense, is_quantized, requantize_like  # noqa: PLC0415 - import cycle
-
   _check_float_dtype(dtype, "merge")
 
   def fold(x):
@@ -217,17 +206,13 @@ def merge(tree: Any, *, requantize: bool = False, dtype: Any = None) -> Any:
       return x
     if not is_quantized(x.w):
       return x.merged()
-    m = x.replace(w=_cast(dense(x.w), dtype)).merged()
+    m = x.replace(w=_cast(x.w.dequantize(), dtype)).merged()
     return requantize_like(m, x.w) if requantize else m
 
-  return jax.tree.map(fold, tree, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
+  return jax.tree.map(fold, tree, is_leaf=is_whole)
 
 
 def _check_float_dtype(dtype, what: str) -> None:
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from jlora._quant import QuantizationError  # noqa: PLC0415 - import cycle
-
   if dtype is None:
     return
   try:
@@ -269,19 +254,17 @@ def unmerge(merged: Any, tree: Any, *, requantize: bool = False) -> Any:
     >>> bool(jnp.allclose(base["k"], jnp.eye(4)))
     True
   """
-  from jlora._quant import dense, is_quantized, requantize_like  # noqa: PLC0415 - import cycle
-
   def take_out(x, m):
     if not is_adapted(x):
       return m
     if tuple(m.shape) != x.shape:
       raise TreeError(f"unmerge: merged leaf has shape {tuple(m.shape)}, the adapter's base {x.shape}")
     if is_quantized(x.w):
-      w = x.replace(w=dense(x.w)).unmerged(dense(m))
+      w = x.replace(w=x.w.dequantize()).unmerged(dense(m))
       return requantize_like(w, x.w) if requantize else w
     return x.unmerged(m)
   try:
-    return jax.tree.map(take_out, tree, merged, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
+    return jax.tree.map(take_out, tree, merged, is_leaf=is_whole)
   except ValueError as e:
     raise TreeError(f"unmerge: the merged params do not have the wrapped tree's structure: {e}") from None
 

@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jlora._errors import ShardingError
 from jlora._paths import closest_paths, compile_pattern, path_str
 from jlora._adapter import Adapter, Axes, factor_layouts, is_adapted
-from jlora._quant import QuantizedArray, is_quantized
+from jlora._quant import QuantizedArray, is_quantized, is_whole
 
 __all__ = [
     "P", "PRESETS", "LLAMA_AXES", "BERT_AXES", "ShardingRules", "adapter_specs", "tree_specs",
@@ -506,7 +506,7 @@ def _norm_axes(ax, what: str) -> tuple[str, ...] | None:
 
 def _entries(tree) -> tuple[list[tuple[str, Any]], Any]:
   """(path, node) for every base leaf: arrays, adapter nodes and ``None`` halves."""
-  is_leaf = lambda x: x is None or is_adapted(x) or is_quantized(x)  # noqa: E731
+  is_leaf = lambda x: x is None or is_whole(x)  # noqa: E731
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   return [(path_str(kp), x) for kp, x in flat], treedef
 
@@ -626,7 +626,7 @@ def _mapping_specs(entries, specs: Mapping) -> list:
 
 
 def _pytree_specs(entries, specs) -> list:
-  is_leaf = lambda x: x is None or isinstance(x, PartitionSpec) or is_adapted(x) or is_quantized(x)  # noqa: E731
+  is_leaf = lambda x: x is None or isinstance(x, PartitionSpec) or is_whole(x)  # noqa: E731
   try:
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_leaf)[0]
   except Exception as e:  # pragma: no cover - exotic containers

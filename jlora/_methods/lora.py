@@ -22,7 +22,6 @@ from jlora._adapter import (
 )
 from jlora._errors import SpecError
 from jlora._lazy import Term, from_kernel
-from jlora._quant import dense
 
 __all__ = ["LoRA", "Full", "LoraWeight", "FullWeight", "INITS"]
 
@@ -211,7 +210,7 @@ class LoraWeight(Adapter):
 
   def merged(self):
     self.require("merge")
-    w = jax.lax.stop_gradient(dense(self.w))
+    w = jax.lax.stop_gradient(self.w)
     acc = acc_dtype(w.dtype)
     return (w.astype(acc) + self.delta().astype(acc)).astype(w.dtype)
 
