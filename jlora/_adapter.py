@@ -133,6 +133,9 @@ class Adapter:
   # True where ``lazy()`` reads the base's values (DoRA's column norm): a quantised base is then
   # dequantised before ``lazy()`` instead of at each contraction.
   lazy_reads_base: ClassVar[bool] = False
+  # True for leaves holding several adapters (jlora.stack_adapters): ``lazy(path, ids)`` routes
+  # each example to its own adapter.
+  routed: ClassVar[bool] = False
 
   def __init__(self, *, spec: Any, axes: Axes | None, shape: tuple[int, ...], **children):
     names = self.children()

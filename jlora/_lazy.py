@@ -30,16 +30,25 @@ from jax import lax
 
 from jlora._adapter import Axes
 
-__all__ = ["Term", "Lazy", "from_kernel"]
+__all__ = ["Term", "Lazy", "from_kernel", "is_routed"]
 
 
 class Term(NamedTuple):
-  """One low-rank term ``scale * a (x) b``; ``dropout`` applies to its input only."""
+  """One low-rank term ``scale * a (x) b``; ``dropout`` applies to its input only.
+
+  A *routed* term (``route`` set: ``(batch,)`` int adapter ids, ``groups`` = N)
+  holds N adapters side by side on its rank axis (``N * r`` wide, adapter-major)
+  and gives each example (the leading axis of the contracted activation) the
+  ``r`` columns of its own adapter; ``scale`` and ``dropout`` are then
+  N-tuples, and an id of ``-1`` means the base alone.
+  """
 
   a: Any
   b: Any
-  scale: float = 1.0
-  dropout: float = 0.0
+  scale: Any = 1.0
+  dropout: Any = 0.0
+  route: Any = None
+  groups: int = 0
 
 
 class Lazy:
@@ -88,9 +97,11 @@ class Lazy:
 
 jax.tree_util.register_pytree_node(
     Lazy,
-    lambda z: ((z.base, tuple(t.a for t in z.terms), tuple(t.b for t in z.terms), z.u, z.v),
-               (z.sides, tuple((t.scale, t.dropout) for t in z.terms), z.path)),
-    lambda aux, ch: Lazy(ch[0], aux[0], tuple(Term(a, b, s, d) for a, b, (s, d) in zip(ch[1], ch[2], aux[1])),
+    lambda z: ((z.base, tuple(t.a for t in z.terms), tuple(t.b for t in z.terms), z.u, z.v,
+                tuple(t.route for t in z.terms)),
+               (z.sides, tuple((t.scale, t.dropout, t.groups) for t in z.terms), z.path)),
+    lambda aux, ch: Lazy(ch[0], aux[0], tuple(Term(a, b, s, d, r, g) for a, b, r, (s, d, g)
+                                              in zip(ch[1], ch[2], ch[5], aux[1])),
                          ch[3], ch[4], aux[2]),
 )
 
@@ -121,7 +132,17 @@ def from_kernel(w, axes: Axes, terms=(), *, u=None, v=None, path: str = "") -> L
     perm = b_perm + [ns]
     return b if perm == list(range(b.ndim)) else jnp.transpose(b, perm)
 
-  out_terms = tuple(Term(left(t.a), right(t.b), float(t.scale), float(t.dropout)) for t in terms)
+  out_terms = tuple(Term(left(t.a), right(t.b), _num(t.scale), _num(t.dropout), t.route, t.groups)
+                    for t in terms)
   lu = None if u is None else left(u[..., None])
   rv = None if v is None else right(jnp.expand_dims(v, ns))
   return Lazy(lax.stop_gradient(w), sides, out_terms, lu, rv, path)
+
+
+def _num(x):
+  return tuple(float(v) for v in x) if isinstance(x, (tuple, list)) else float(x)
+
+
+def is_routed(lz: Lazy) -> bool:
+  """True when one of ``lz``'s terms routes adapters per example (a mixed-adapter batch)."""
+  return any(t.route is not None for t in lz.terms)

@@ -11,7 +11,7 @@ from jlora._rewrite import RewriteError, lift
 __all__ = ["lora", "RewriteError"]
 
 
-def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
+def lora(fn: Callable[..., Any], *, strict: bool = False, checked: bool = False) -> Callable[..., Any]:
   """Lifts ``fn`` so it accepts trees with LoRA leaves anywhere in its arguments.
 
   The lifted function computes ``fn`` on the merged params without ever
@@ -44,6 +44,13 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
   path is deterministic (evaluation). Each use of an adapted weight (and each
   scanned layer) draws its own mask from that key.
 
+  A tree from :func:`jlora.stack_adapters` holds one base and N adapters; it
+  needs ``adapter_ids`` (an int array, one id per batch row, ``-1`` for the base
+  alone): each row is routed to its own adapter inside every rewritten
+  contraction (a gather of that row's factors, so the cost is one adapter's
+  whatever N is). Concrete ids are range-checked at once; under ``jit`` the
+  check runs on the device only with ``checked=True`` (a host callback).
+
   Non-array leaves of the arguments (Python numbers, strings, configs) are
   passed to ``fn`` unchanged, as static values. ``fn`` must return arrays.
 
@@ -51,10 +58,12 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
     fn: any JAX function, e.g. a Flax ``model.apply`` or ``jlora.llama.llama_forward``.
     strict: raise :class:`jlora.RewriteError` instead of merging a use that
       cannot be rewritten.
+    checked: range-check traced ``adapter_ids`` at run time (under ``jit``).
 
   Returns:
-    ``lifted(*args, lora_key=None, **kwargs)`` with ``fn``'s signature plus the
-    keyword-only ``lora_key`` (a PRNG key for LoRA dropout; ``None`` = off).
+    ``lifted(*args, lora_key=None, adapter_ids=None, **kwargs)`` with ``fn``'s signature plus
+    the keyword-only ``lora_key`` (a PRNG key for LoRA dropout; ``None`` = off) and
+    ``adapter_ids`` (per-row adapter ids for a stacked tree).
 
   Raises:
     TreeError: a LoRA leaf lacks its base or factors (a half of ``split``).
@@ -72,5 +81,5 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
     ...
     jlora._rewrite.RewriteError: jlora.lora: the primitive 'tanh' uses the adapted weight 'k' ...
   """
-  lifted = lift(fn, strict=strict)
+  lifted = lift(fn, strict=strict, checked=checked)
   return functools.wraps(fn)(lifted)

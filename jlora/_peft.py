@@ -27,7 +27,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +280,10 @@ def save_peft(directory: str | os.PathLike, tree: Any, *, mapping: str | Mapping
     adapter_name: PEFT's adapter name.
     overwrite: replace an existing adapter folder.
 
+  A stacked tree (:func:`jlora.stack_adapters`) writes every adapter in PEFT's
+  multi-adapter layout, in one atomic write: an adapter named ``default`` at
+  ``directory``, each other one in ``directory/<name>``.
+
   Returns:
     The folder written.
 
@@ -302,27 +306,42 @@ def save_peft(directory: str | os.PathLike, tree: Any, *, mapping: str | Mapping
     >>> jlora.save_peft("my-adapter", tree, mapping="llama")  # doctest: +SKIP
     >>> # then: peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(...), "my-adapter")
   """
-  folder = _adapter_folder(directory, adapter_name)
+  from jlora._multi import _has_stacked, adapter_names, select_adapter  # noqa: PLC0415 - a cycle
+
+  if _has_stacked(tree):  # every adapter in PEFT's layout: "default" at the root, others in <name>/
+    folder = Path(directory)
+    names = adapter_names(tree)
+    parts = [(n, select_adapter(tree, n)) for n in names]
+  else:
+    folder = _adapter_folder(directory, adapter_name)
+    parts = [(None, tree)]
   if (folder.exists() or folder.is_symlink()) and not overwrite:
     raise CheckpointError(f"{folder} already exists; pass overwrite=True to replace the PEFT adapter "
                           "(atomically) or choose a new folder")
-  m = _resolve_mapping(mapping, tree)
-  config, tensors = _codec_for_tree(tree).save(tree, m)
-  config.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type)
-  text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+  files = []
+  for name, one in parts:
+    m = _resolve_mapping(mapping, one)
+    config, tensors = _codec_for_tree(one).save(one, m)
+    config.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    sub = "" if name in (None, "default") else name
+    files.append((sub, json.dumps(config, indent=2, sort_keys=True) + "\n", tensors))
 
   def write(tmp: Path) -> None:
     from safetensors.numpy import save_file  # noqa: PLC0415
 
-    (tmp / CONFIG_NAME).write_text(text)
-    save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    for sub, text, tensors in files:
+      d = tmp / sub if sub else tmp
+      d.mkdir(exist_ok=True)
+      (d / CONFIG_NAME).write_text(text)
+      save_file(tensors, str(d / WEIGHTS_NAME), metadata={"format": "pt"})
 
   atomic_write_dir(folder, write, overwrite=overwrite, what="PEFT adapter")
   return folder
 
 
 def load_peft(directory: str | os.PathLike, params: Any, *,
-              mapping: str | Mapping | PeftMapping | None = None, adapter_name: str = "default") -> Any:
+              mapping: str | Mapping | PeftMapping | None = None,
+              adapter_name: str | Sequence[str] = "default") -> Any:
   """Reads a Hugging Face PEFT LoRA adapter onto jlora params: the wrapped tree.
 
   Every ``lora_A`` / ``lora_B`` pair becomes a :class:`jlora.LoraWeight` on
@@ -340,7 +359,8 @@ def load_peft(directory: str | os.PathLike, params: Any, *,
     params: the plain base params of the model the adapter was trained on.
     mapping: as in :func:`save_peft` (``None``: the built-in mapping that names
       every tensor).
-    adapter_name: PEFT's adapter name.
+    adapter_name: PEFT's adapter name, or a list of names: the adapters stacked
+      into one tree (:func:`jlora.stack_adapters`, in that order).
 
   Returns:
     The wrapped tree.
@@ -356,6 +376,11 @@ def load_peft(directory: str | os.PathLike, params: Any, *,
     >>> import jlora
     >>> tree = jlora.load_peft("path/to/peft-adapter", params, mapping="llama")  # doctest: +SKIP
   """
+  if isinstance(adapter_name, (tuple, list)):  # several adapters: one stacked tree
+    from jlora._multi import stack_adapters  # noqa: PLC0415 - a cycle
+
+    return stack_adapters([load_peft(directory, params, mapping=mapping, adapter_name=n)
+                           for n in adapter_name], names=list(adapter_name))
   folder = _adapter_folder(directory, adapter_name)
   config = read_peft_config(folder)
   tensors = _read_tensors(folder)

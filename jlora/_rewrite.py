@@ -34,7 +34,7 @@ from jax.extend import core as jcore
 
 from jlora._adapter import Axes, is_adapted
 from jlora._errors import JloraError, TreeError
-from jlora._lazy import Lazy, Term, from_kernel
+from jlora._lazy import Lazy, Term, from_kernel, is_routed
 from jlora._paths import path_str
 from jlora._quant import QuantizedArray, dense, is_quantized, is_whole
 
@@ -285,6 +285,12 @@ class _Ctx:
 
   def give_up(self, lz: Lazy, what: str) -> jax.Array:
     """Materialises ``lz`` for a use the rewrite does not cover (or raises when strict)."""
+    if is_routed(lz):
+      raise RewriteError(
+          f"jlora.lora: {what} uses the stacked adapters at {lz.path!r} (shape {lz.shape}) in a way "
+          "that cannot stay low-rank; a mixed-adapter batch (adapter_ids=...) needs every use of a "
+          "stacked weight to be a contraction with the activations (x @ W, einsum, dot_general). "
+          "Select one adapter with jlora.select_adapter(tree, name) to run this model")
     msg = (f"jlora.lora: {what} uses the adapted weight {lz.path!r} (shape {lz.shape}) in a way "
            "that cannot stay low-rank, so W + s*A@B is formed for that use")
     if self.strict:
@@ -297,15 +303,18 @@ class _Ctx:
 
 # -- entry point ------------------------------------------------------------------------------
 
-def lift(fn: Callable[..., Any], *, strict: bool, unroll: bool = False) -> Callable[..., Any]:
+def lift(fn: Callable[..., Any], *, strict: bool, unroll: bool = False,
+         checked: bool = False) -> Callable[..., Any]:
   """``fn`` on trees with LoRA leaves, evaluated with low-rank contractions (see module doc).
 
   ``unroll=True`` also fully unrolls every ``lax.scan`` (used to count FLOPs:
   XLA's cost analysis counts a loop body once).
   """
-  def lifted(*args, lora_key=None, **kwargs):
+  def lifted(*args, lora_key=None, adapter_ids=None, **kwargs):
     flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_whole)
     dyn_pos, dyn_vals, lazies = [], [], {}
+    routed = [leaf for _, leaf in flat if getattr(leaf, "routed", False)]
+    ids = _adapter_ids(adapter_ids, routed, checked)
     static = [None] * len(flat)
     for i, (kp, leaf) in enumerate(flat):
       if is_quantized(leaf):  # a frozen quantised base: dequantised where it is used
@@ -319,7 +328,7 @@ def lift(fn: Callable[..., Any], *, strict: bool, unroll: bool = False) -> Calla
       if is_adapted(leaf):
         where = _user_path(kp, path_str)
         leaf.require(f"jlora.lora: the adapter at {where!r}")
-        lz = leaf.lazy(where)
+        lz = leaf.lazy(where, ids) if leaf.routed else leaf.lazy(where)
         if lz is not None:
           if is_quantized(lz.base):
             lz = lz.replace(base=_QBase(lz.base))
@@ -353,6 +362,52 @@ def lift(fn: Callable[..., Any], *, strict: bool, unroll: bool = False) -> Calla
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return lifted
+
+
+def _adapter_ids(adapter_ids, routed: list, checked: bool):
+  """Validates ``adapter_ids`` against the stacked leaves; returns an int32 ``(batch,)`` array."""
+  if not routed:
+    if adapter_ids is not None:
+      raise TreeError("jlora.lora: adapter_ids was given but the tree holds no stacked adapters; "
+                      "build one with jlora.stack_adapters([tree_a, tree_b, ...])")
+    return None
+  counts = {leaf.spec.count for leaf in routed}
+  if len(counts) > 1:
+    raise TreeError(f"jlora.lora: the stacked leaves hold different numbers of adapters {sorted(counts)}; "
+                    "stack every leaf with jlora.stack_adapters")
+  (n,) = counts
+  if adapter_ids is None:
+    raise TreeError(
+        f"jlora.lora: the tree holds {n} stacked adapters {list(routed[0].spec.names)}; pass "
+        "adapter_ids=<int array, one per batch row> (-1 = the base alone), or pick one with "
+        "jlora.select_adapter(tree, name)")
+  ids = jnp.asarray(adapter_ids)
+  if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise TreeError(f"jlora.lora: adapter_ids must be a 1-D int array (one id per batch row), got "
+                    f"{ids.dtype} of shape {ids.shape}")
+  ids = ids.astype(jnp.int32)
+  try:
+    host = np.asarray(ids)
+  except jax.errors.TracerArrayConversionError:
+    host = None
+  if host is not None:
+    _check_ids_range(host, n, routed[0].spec.names)
+  elif checked:
+    jax.debug.callback(lambda h: _check_ids_range(np.asarray(h), n, routed[0].spec.names), ids)
+  return ids
+
+
+def validate_adapter_ids(tree: Any, adapter_ids) -> Any:
+  """``adapter_ids`` checked against ``tree``'s stacked leaves as ``lora(fn)`` would (eagerly)."""
+  routed = [x for x in jax.tree_util.tree_leaves(tree, is_leaf=is_whole) if getattr(x, "routed", False)]
+  return _adapter_ids(adapter_ids, routed, False)
+
+
+def _check_ids_range(ids: np.ndarray, n: int, names) -> None:
+  bad = (ids < -1) | (ids >= n)
+  if bad.any():
+    raise TreeError(f"jlora.lora: adapter_ids {ids[bad][:8].tolist()} are out of range: the tree "
+                    f"holds {n} adapters {list(names)} (ids 0..{n - 1}, -1 = the base alone)")
 
 
 def _user_path(kp, path_str) -> str:
@@ -629,21 +684,59 @@ _TRANSFORMS: dict[str, Callable] = {
 # -- consumers: the low-rank contraction ------------------------------------------------------
 
 def _dropout(x, t: Term, ctx: _Ctx):
-  if ctx.key is None or t.dropout <= 0.0:
+  if ctx.key is None:
+    return x
+  if t.route is not None:  # each example's own adapter's rate
+    rates = np.asarray(t.dropout, np.float32)
+    if not rates.any():
+      return x
+    p = jnp.asarray(rates)[_safe_ids(t)].reshape((-1,) + (1,) * (x.ndim - 1))
+    keep = jax.random.uniform(ctx.next_key(), x.shape) >= p
+    return jnp.where(keep, x / (1.0 - p).astype(x.dtype), jnp.zeros((), x.dtype))
+  if t.dropout <= 0.0:
     return x
   keep = jax.random.bernoulli(ctx.next_key(), 1.0 - t.dropout, x.shape)
   return jnp.where(keep, x / jnp.asarray(1.0 - t.dropout, x.dtype), jnp.zeros((), x.dtype))
 
 
+def _safe_ids(t: Term):
+  return jnp.clip(t.route, 0, t.groups - 1)
+
+
+def _route_factor(f, t: Term):
+  """``(..., N * r)`` -> ``(B, ..., r)``: each example's own adapter's columns."""
+  g = f.reshape(f.shape[:-1] + (t.groups, f.shape[-1] // t.groups))
+  return jnp.moveaxis(jnp.take(g, _safe_ids(t), axis=-2), -2, 0)
+
+
+def _check_route(x, xl: str, vl: str, lz: Lazy, t: Term) -> None:
+  ids = t.route
+  if jnp.ndim(x) == 0 or xl[0] in vl or jnp.shape(x)[0] != ids.shape[0]:
+    raise RewriteError(
+        f"jlora.lora: adapter_ids has {ids.shape[0]} entries, but the activation contracted with "
+        f"the stacked adapters at {lz.path!r} has shape {tuple(jnp.shape(x))}: a mixed-adapter batch "
+        "routes along the leading (batch) axis of every input to an adapted contraction; pass one "
+        "id per row of that axis, or keep the batch axis first in the model")
+
+
 def _lowrank(x, xl: str, lz: Lazy, t: Term, vl: str, outl: str, ctx: _Ctx, precision) -> jax.Array:
-  """``scale * einsum(x, a (x) b)`` as two small contractions through the rank axis."""
+  """``scale * einsum(x, a (x) b)`` as two small contractions through the rank axis.
+
+  A routed term gathers each example's factors first (``(B, ..., r)``, sharing the
+  activation's batch letter), so its cost is one adapter's whatever N is.
+  """
   used = set(xl) | set(vl) | set(outl)
   r = next(c for c in string.ascii_letters if c not in used)
   la = "".join(vl[i] for i in _axes_of(lz.sides, "a")) + r
   lb = "".join(vl[i] for i in _axes_of(lz.sides, "b")) + r
+  fa, fb = t.a, t.b
+  if t.route is not None:
+    _check_route(x, xl, vl, lz, t)
+    fa, fb = _route_factor(fa, t), _route_factor(fb, t)
+    la, lb = xl[0] + la, xl[0] + lb
   contracted = (set(xl) & set(vl)) - set(outl)
   first_a = len(contracted & set(la)) >= len(contracted & set(lb))
-  (f1, l1), (f2, l2) = ((t.a, la), (t.b, lb)) if first_a else ((t.b, lb), (t.a, la))
+  (f1, l1), (f2, l2) = ((fa, la), (fb, lb)) if first_a else ((fb, lb), (fa, la))
   cd = _compute_dtype(t, x)
   acc = _acc(cd)
   x = _dropout(x, t, ctx).astype(cd)
@@ -653,7 +746,12 @@ def _lowrank(x, xl: str, lz: Lazy, t: Term, vl: str, outl: str, ctx: _Ctx, preci
                  preferred_element_type=acc).astype(cd)
   d = jnp.einsum(f"{keep},{l2}->{outl}", h, f2.astype(cd), precision=precision,
                  preferred_element_type=acc)
-  return _scaled(d, t.scale)
+  if t.route is None:
+    return _scaled(d, t.scale)
+  s = jnp.where(t.route >= 0, jnp.asarray(t.scale, d.dtype)[_safe_ids(t)], jnp.zeros((), d.dtype))
+  shape = [1] * d.ndim
+  shape[outl.index(xl[0])] = -1
+  return d * s.reshape(shape)
 
 
 def _scaled(d, scale: float):
@@ -731,7 +829,7 @@ def _c_dot_general(eqn, invals, ctx):
 def _c_conv(eqn, invals, ctx):
   lhs, rhs = invals
   p = eqn.params
-  if _is_lazy(lhs) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+  if _is_lazy(lhs) or is_routed(rhs) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
     return None
   if rhs.u is not None or rhs.v is not None:
     return None
@@ -756,7 +854,7 @@ def _c_conv(eqn, invals, ctx):
 
 def _c_gather(eqn, invals, ctx):
   op, idx = invals
-  if not _is_lazy(op) or _is_lazy(idx):
+  if not _is_lazy(op) or _is_lazy(idx) or is_routed(op):
     return None
   p = eqn.params
   dn = p["dimension_numbers"]

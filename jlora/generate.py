@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._adapter import is_adapted
 from jlora._errors import ConfigError, DataError
+from jlora._rewrite import lift, validate_adapter_ids
 from jlora.models.llama import LlamaConfig, init_llama_cache, llama_forward_cached
 
 __all__ = ["generate", "generate_text"]
@@ -30,11 +32,14 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
              max_new_tokens: int, attention_mask: np.ndarray | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | jax.Array = 0, eos_token_ids: Sequence[int] | None = None,
-             pad_token_id: int | None = None, pad_to_multiple: int = 16) -> np.ndarray:
+             pad_token_id: int | None = None, pad_to_multiple: int = 16,
+             adapter_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
   """Continues each prompt by up to ``max_new_tokens`` tokens.
 
   Args:
-    params: the model's params (LoRA adapters merged, or a transform's effective params).
+    params: the model's params: plain (LoRA adapters merged), or a wrapped tree, which runs
+      through :func:`jlora.lora` (no merge); a tree from :func:`jlora.stack_adapters` needs
+      ``adapter_ids``.
     config: the model's config.
     prompts: a list of token-id lists (lengths may differ), or a ``(B, T)`` array; with an
       array, ``attention_mask`` marks padding (left or right; real tokens are kept in order).
@@ -48,6 +53,9 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     pad_token_id: written after a row ended (any int, e.g. -1); ``None``:
       ``config.pad_token_id``, else the first eos id, else 0.
     pad_to_multiple: prompt lengths are rounded up to a multiple of this to reuse compiles.
+    adapter_ids: for a stacked tree, one adapter id per prompt (``-1``: the base alone); the
+      prefill and every decode step route each row to its adapter. Swapping an adapter's arrays
+      (:func:`jlora.add_adapter` with ``replace=True``) reuses the compiled loop.
 
   Returns:
     ``(B, max_new_tokens)`` int32 numpy array of new tokens; a row that ended holds its eos id
@@ -77,6 +85,13 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
   if pad_to_multiple < 1:
     raise ConfigError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
   rows = _prompt_rows(prompts, attention_mask, config)
+  lifted = any(is_adapted(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_adapted))
+  if adapter_ids is not None or lifted:
+    ids = validate_adapter_ids(params, adapter_ids)
+    if ids is not None and ids.shape[0] != len(rows):
+      raise DataError(f"adapter_ids has {ids.shape[0]} entries for {len(rows)} prompts; give one "
+                      "adapter id per prompt")
+    adapter_ids = ids
   eos = tuple(config.eos_token_ids if eos_token_ids is None else (int(e) for e in eos_token_ids))
   if pad_token_id is None:
     pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
@@ -101,7 +116,7 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
                       jnp.int32(top_k if top_k is not None else config.vocab_size),
                       jnp.float32(top_p if top_p is not None else 1.0),
                       jnp.asarray(is_eos), jnp.int32(pad_token_id), jnp.int32(max_new_tokens),
-                      config=config, steps=steps, greedy=greedy)
+                      adapter_ids, config=config, steps=steps, greedy=greedy, lifted=lifted)
   out = np.asarray(out)[:, :max_new_tokens]
   return out
 
@@ -209,15 +224,18 @@ def _sample(logits, key, temperature, top_k, top_p, *, greedy: bool):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "steps", "greedy"))
-def _generate_jit(params, tokens, mask, key, temperature, top_k, top_p, is_eos, pad_id, limit, *,
-                  config, steps, greedy):
+@functools.partial(jax.jit, static_argnames=("config", "steps", "greedy", "lifted"))
+def _generate_jit(params, tokens, mask, key, temperature, top_k, top_p, is_eos, pad_id, limit,
+                  adapter_ids, *, config, steps, greedy, lifted):
   batch, width = tokens.shape
   dtype = params["embed_tokens"]["embedding"].dtype
+  forward = llama_forward_cached
+  if lifted:  # a wrapped tree: low-rank contractions, each row routed to its adapter
+    forward = functools.partial(lift(llama_forward_cached, strict=False), adapter_ids=adapter_ids)
   cache = init_llama_cache(config, batch, width + steps, dtype)
   sample = functools.partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                              greedy=greedy)
-  logits, cache = llama_forward_cached(params, tokens, cache, config, attention_mask=mask)
+  logits, cache = forward(params, tokens, cache, config, attention_mask=mask)
   key, sub = jax.random.split(key)
   first = sample(logits[:, -1], sub)
   out = jnp.full((batch, steps), pad_id, jnp.int32)
@@ -231,7 +249,7 @@ def _generate_jit(params, tokens, mask, key, temperature, top_k, top_p, is_eos, 
     step, tok, cache, out, done, key = state
     out = jax.lax.dynamic_update_slice(out, jnp.where(done, pad_id, tok)[:, None], (0, step))
     done = done | is_eos[tok]
-    logits, cache = llama_forward_cached(params, tok[:, None], cache, config)  # tok in vocab
+    logits, cache = forward(params, tok[:, None], cache, config)  # tok in vocab
     key, sub = jax.random.split(key)
     return step + 1, sample(logits[:, 0], sub), cache, out, done, key
 

@@ -11,3 +11,5 @@ from jlora._methods.ia3 import IA3 as IA3
 from jlora._methods.ia3 import IA3Weight as IA3Weight
 from jlora._methods.vera import VeRA as VeRA
 from jlora._methods.vera import VeraWeight as VeraWeight
+from jlora._methods.stacked import StackedLoRA as StackedLoRA
+from jlora._methods.stacked import StackedLoraWeight as StackedLoraWeight
