@@ -38,7 +38,6 @@ from jlora._methods.vera import VeRA as VeRA
 from jlora._methods.vera import VeraWeight as VeraWeight
 from jlora._methods.stacked import StackedLoRA as StackedLoRA
 from jlora._methods.stacked import StackedLoraWeight as StackedLoraWeight
-from jlora._multi import COMBINATIONS as COMBINATIONS
 from jlora._multi import add_adapter as add_adapter
 from jlora._multi import adapter_names as adapter_names
 from jlora._multi import delete_adapter as delete_adapter
@@ -99,6 +98,6 @@ __all__ = sorted([
     "load_peft", "lora", "make_train_step", "merge", "optimizer", "peft_mapping",
     "read_adapter_manifest", "read_peft_config", "save_adapters", "save_peft", "split", "summary",
     "trainable_mask", "unmerge", "wrap",
-    "COMBINATIONS", "StackedLoRA", "StackedLoraWeight", "add_adapter", "adapter_names",
+    "StackedLoRA", "StackedLoraWeight", "add_adapter", "adapter_names",
     "delete_adapter", "select_adapter", "stack_adapters", "weighted_merge",
 ])

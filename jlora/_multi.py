@@ -125,7 +125,14 @@ def stack_adapters(trees: Sequence[Any], names: Sequence[str] | None = None, *,
 
 
 def adapter_names(tree: Any) -> tuple[str, ...]:
-  """The adapter names of a stacked tree (TreeError when it holds no stacked leaves)."""
+  """The adapter names of a stacked tree (TreeError when it holds no stacked leaves).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> t = jlora.wrap({"k": jnp.eye(4)}, {"k": jlora.LoRA(2)}, key=jax.random.key(0))
+    >>> jlora.adapter_names(jlora.stack_adapters([t, t]))
+    ('adapter0', 'adapter1')
+  """
   return _stacked_leaves(tree)[0][1].spec.names
 
 
@@ -233,7 +240,7 @@ def weighted_merge(trees: Sequence[Any], weights: Sequence[float], method: str =
   Args:
     trees: LoRA trees on the same base, or one stacked tree (all its adapters).
     weights: one weight per adapter (negative weights subtract).
-    method: one of :data:`jlora.COMBINATIONS`.
+    method: one of ``jlora._multi.COMBINATIONS`` (the names above).
     density: the fraction kept by the pruning methods, in ``[0, 1]``.
     key: PRNG key for the ``dare`` methods' random masks.
     rank: the SVD methods' target rank.

@@ -107,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                   "and train.eval_batch_size, to evaluate on other data with the same task.")
   e.add_argument("run_dir", nargs="?", default=None,
                  help="a run directory (default: output_dir of --config, or of the default job)")
-  e.add_argument("items", nargs="*", metavar="KEY=VALUE", help="data.* overrides")
+  e.add_argument("items", nargs="*", metavar="KEY=VALUE",
+                 help="data.* overrides; further run directories stack their adapters on one base")
+  e.add_argument("--adapter-column", default=None, metavar="COLUMN",
+                 help="several runs: the data column naming each row's adapter (index, run name, "
+                      "or -1/base); without it each adapter is evaluated on every row")
   e.add_argument("--config", default=None, metavar="CONFIG.yaml",
                  help="evaluate the job of this config (its output_dir, or the base with --base)")
   e.add_argument("--split", default="test", choices=["train", "validation", "test"],
@@ -122,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
       description="Run a trained model on prompts: a decoder continues each prompt (with the "
                   "chat template for instruction runs and instruct models), a classifier "
                   "prints the predicted class and its probability.")
-  g.add_argument("run_dir", nargs="?", default=None, help="a run directory")
+  g.add_argument("run_dir", nargs="*", default=None,
+                 help="a run directory; several runs of one model stack their adapters on one base")
+  g.add_argument("--adapter-ids", default=None, metavar="I,J,...",
+                 help="several runs: each prompt's adapter (index or run name, -1/base = none), "
+                      "comma-separated, one per prompt; all prompts run in one batch")
   g.add_argument("--model", default=None,
                  help="use this base model (packaged name or path) instead of a run directory")
   g.add_argument("--prompt", "-p", action="append", default=[], required=True,
@@ -178,18 +186,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
   from jlora.config import apply_overrides, load_config  # noqa: PLC0415
-  from jlora.train import evaluate_run, load_run  # noqa: PLC0415
+  from jlora.train import evaluate_run, load_run, load_runs  # noqa: PLC0415
   items = list(args.items)
   run_dir = args.run_dir
   if run_dir is not None and "=" in run_dir:
     items.insert(0, run_dir)
     run_dir = None
+  more = [i for i in items if "=" not in i]
+  items = [i for i in items if "=" in i]
   for item in items:
     key = item.split("=", 1)[0].lstrip("-")
-    if "=" not in item or not key.startswith(_EVAL_KEYS):
+    if not key.startswith(_EVAL_KEYS):
       raise ConfigError(
           f"jlora eval accepts only data.* and train.eval_batch_size overrides, got {item!r}; "
           "model and method come from the run directory.")
+  if more and (run_dir is None or args.base):
+    raise ConfigError(f"unexpected arguments {more}: several run directories come first, "
+                      "without --base")
   if run_dir is None:
     cfg = load_config(args.config)
     run_dir = cfg.output_dir
@@ -197,32 +210,56 @@ def _cmd_eval(args: argparse.Namespace) -> int:
       run = load_run(cfg=apply_overrides(cfg, items), base=True)
     else:
       run = load_run(run_dir)
+  elif more:
+    run = load_runs([run_dir, *more])
   else:
     run = load_run(run_dir, base=args.base)
   if items:
     run.config = apply_overrides(run.config, items)
-  metrics = evaluate_run(run, args.split)
-  if args.json:
-    print(json.dumps(metrics))
+  if more and args.adapter_column is None:  # every adapter on every row
+    import jlora  # noqa: PLC0415
+    results = {name: evaluate_run(run, args.split, adapter=name) for name in jlora.adapter_names(run.tree)}
+  elif more:
+    results = {"routed": evaluate_run(run, args.split, adapter_column=args.adapter_column)}
   else:
-    what = "base model" if args.base else f"{run_dir}"
-    print(f"{what} on {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.adapter_column is not None:
+      raise ConfigError("--adapter-column needs several run directories")
+    results = {None: evaluate_run(run, args.split)}
+  for name, metrics in results.items():
+    if args.json:
+      print(json.dumps(metrics if name is None else {"adapter": name, **metrics}))
+    else:
+      what = "base model" if args.base else (f"{run_dir}" if name is None else
+                                             ("adapters by row" if name == "routed" else name))
+      print(f"{what} on {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
   return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
   from jlora.config import load_config  # noqa: PLC0415
-  from jlora.train import load_run, predict  # noqa: PLC0415
-  if args.run_dir is None and args.model is None:
+  from jlora.train import load_run, load_runs, predict  # noqa: PLC0415
+  if not args.run_dir and args.model is None:
     raise ConfigError("jlora generate needs a run directory or --model NAME.")
+  ids = None
   if args.model is not None:
     task = "classification" if "minilm" in args.model.lower() else "causal_lm"
     cfg = load_config(overrides=[f"model.name={args.model}", f"data.task={task}"])
     run = load_run(cfg=cfg, base=True)
+  elif len(args.run_dir) > 1:
+    if args.base:
+      raise ConfigError("--base takes one run directory")
+    if args.adapter_ids is None:
+      raise ConfigError(f"{len(args.run_dir)} runs were given: pass --adapter-ids with one adapter "
+                        "(index or run name) per prompt")
+    run = load_runs(args.run_dir)
+    ids = [x.strip() for x in args.adapter_ids.split(",")]
   else:
-    run = load_run(args.run_dir, base=args.base)
+    if args.adapter_ids is not None:
+      raise ConfigError("--adapter-ids needs several run directories")
+    run = load_run(args.run_dir[0], base=args.base)
   outs = predict(run, args.prompt, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, top_p=args.top_p, chat=args.chat, seed=args.seed)
+                 temperature=args.temperature, top_p=args.top_p, chat=args.chat, seed=args.seed,
+                 adapter_ids=ids)
   for o in outs:
     if "output" in o:
       print(f">>> {o['text']}\n{o['output']}\n")

@@ -68,6 +68,7 @@ __all__ = [
     "Run",
     "train",
     "load_run",
+    "load_runs",
     "evaluate_run",
     "merge_run",
     "predict",
@@ -443,15 +444,94 @@ def load_run(run_dir: str | os.PathLike | None = None, *, cfg: Config | None = N
   return Run(cfg, family, tree, model.tokenizer, model.handle, model.forward)
 
 
-def evaluate_run(run: Run, split: str = "test", *, data_overrides: Mapping[str, Any] | None = None
+def load_runs(run_dirs: list[str | os.PathLike], *, names: list[str] | None = None) -> Run:
+  """Loads several finished runs of one base model as one :class:`Run` with stacked adapters.
+
+  The runs must share the model and the task; their adapters are stacked with
+  :func:`jlora.stack_adapters` (named after the run folders unless ``names`` is
+  given), so :func:`predict` and :func:`evaluate_run` can route each row to its
+  own adapter (``adapter_ids``) in one batch. Leaves trained in full (a
+  classifier head) must be equal in every run: a mixed batch routes only LoRA
+  factors.
+
+  Raises:
+    ConfigError: fewer than two runs, or runs of different models or tasks.
+    TreeError: the adapters cannot be stacked (different rules, different heads).
+
+  Example:
+    >>> from jlora.train import load_runs, predict
+    >>> run = load_runs(["runs/a", "runs/b"])  # doctest: +SKIP
+    >>> predict(run, ["hi", "hello"], adapter_ids=[0, 1])  # doctest: +SKIP
+  """
+  dirs = [Path(d) for d in run_dirs]
+  if len(dirs) < 2:
+    raise ConfigError("load_runs needs at least two run directories (use load_run for one).")
+  first = load_run(dirs[0])
+  trees = [first.tree]
+  for d in dirs[1:]:
+    cfg = _run_config(d)
+    if (cfg.model.name, cfg.data.task) != (first.config.model.name, first.config.data.task):
+      raise ConfigError(
+          f"{d} trained {cfg.model.name} for {cfg.data.task}, but {dirs[0]} trained "
+          f"{first.config.model.name} for {first.config.data.task}; several adapters share one "
+          "base model and task")
+    from jlora._checkpoint import load_adapters  # noqa: PLC0415
+    trees.append(load_adapters(d / "adapter", _base_of(first.tree)))
+  if names is None:
+    names = [d.resolve().name for d in dirs]
+    if len(set(names)) != len(names):
+      names = [f"{n}-{i}" for i, n in enumerate(names)]
+  first.tree = jlora.stack_adapters(trees, names=names)
+  return first
+
+
+def _base_of(tree: Any) -> Any:
+  """The plain base params of a wrapped tree (each adapted leaf's ``w``)."""
+  return jax.tree.map(lambda x: x.w if jlora.is_adapted(x) else x, tree, is_leaf=jlora.is_adapted)
+
+
+def _stacked(run: Run) -> bool:
+  return any(isinstance(x, jlora.StackedLoraWeight)
+             for x in jax.tree.leaves(run.tree, is_leaf=jlora.is_adapted))
+
+
+def _adapter_index(run: Run, ids: Any, what: str) -> np.ndarray:
+  """Adapter ids as ints: indices, run / adapter names, or -1 / "base" for the base alone."""
+  names = jlora.adapter_names(run.tree)
+  out = []
+  for v in ids:
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+      out.append(int(v))
+    elif str(v).strip() in names:
+      out.append(names.index(str(v).strip()))
+    elif str(v).strip() in ("base", "-1"):
+      out.append(-1)
+    elif str(v).strip().isdigit():
+      out.append(int(str(v).strip()))
+    else:
+      raise DataError(f"{what}: {v!r} names no adapter; use an index 0..{len(names) - 1}, one of "
+                      f"{list(names)}, or -1 / 'base' for the base model alone")
+  arr = np.asarray(out, np.int32)
+  bad = (arr < -1) | (arr >= len(names))
+  if bad.any():
+    raise DataError(f"{what}: adapter ids {arr[bad][:5].tolist()} are out of range for the "
+                    f"{len(names)} adapters {list(names)}")
+  return arr
+
+
+def evaluate_run(run: Run, split: str = "test", *, data_overrides: Mapping[str, Any] | None = None,
+                 adapter_column: str | None = None, adapter: int | str | None = None
                  ) -> dict[str, float]:
   """Evaluates a loaded run on one split of its data (or other data).
 
   Args:
-    run: from :func:`load_run`.
+    run: from :func:`load_run` (or :func:`load_runs`: stacked adapters).
     split: ``"train"``, ``"validation"`` or ``"test"``.
     data_overrides: replace ``data`` config keys (e.g. ``{"domain": "nyt"}``) to
       evaluate on other data with the same task.
+    adapter_column: stacked runs: the data column naming each row's adapter (an
+      index, an adapter name, or -1 / ``base``); the rows are routed in one pass.
+    adapter: stacked runs without ``adapter_column``: the adapter every row uses.
 
   Returns:
     Classification: ``loss``, ``accuracy``, ``f1``, ``roc_auc`` (binary);
@@ -477,6 +557,26 @@ def evaluate_run(run: Run, split: str = "test", *, data_overrides: Mapping[str, 
   feats, _, _ = _encode_splits(cfg, raw, run.tokenizer, splits=(split,))
   if split not in feats:
     raise DataError(f"the data has no {split!r} split.")
+  if _stacked(run):
+    n = len(next(iter(feats[split].values())))
+    if adapter_column is not None:
+      ds = raw[split]
+      if adapter_column not in ds.column_names:
+        raise DataError(f"the {split} data has no column {adapter_column!r} (its columns: "
+                        f"{ds.column_names})")
+      if len(ds) != n or cfg.data.max_eval_examples:
+        raise ConfigError(
+            f"the adapter column needs one encoded row per data row; the {cfg.data.task} encoding "
+            f"gave {n} rows for {len(ds)} (set data.pack=false and data.max_eval_examples=0)")
+      ids = _adapter_index(run, list(ds[adapter_column]), f"column {adapter_column!r}")
+    else:
+      if adapter is None:
+        raise ConfigError(f"the run holds adapters {list(jlora.adapter_names(run.tree))}: pass "
+                          "adapter_column (a data column) or adapter (one for every row)")
+      ids = np.full((n,), _adapter_index(run, [adapter], "adapter")[0], np.int32)
+    feats[split] = {**feats[split], "adapter_ids": ids}
+  elif adapter_column is not None or adapter is not None:
+    raise ConfigError("adapter_column / adapter need a run with several adapters (load_runs)")
   model = _Model(run.family, None, run.tokenizer, run.model, run.forward)
   eval_fn = _make_eval_fn(cfg, model)
   trainable, frozen = _split_any(run.tree)
@@ -528,8 +628,8 @@ def merge_run(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) 
 
 
 def predict(run: Run, texts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
-            top_p: float | None = None, chat: bool | None = None, seed: int = 0
-            ) -> list[dict[str, Any]]:
+            top_p: float | None = None, chat: bool | None = None, seed: int = 0,
+            adapter_ids: list[int | str] | None = None) -> list[dict[str, Any]]:
   """Runs a loaded model on texts: class probabilities (classifier) or generated text (decoder).
 
   Args:
@@ -541,6 +641,8 @@ def predict(run: Run, texts: list[str], *, max_new_tokens: int = 64, temperature
     chat: decoder: wrap each text in the chat template (None: for instruction
       runs and instruct models with a template).
     seed: sampling seed.
+    adapter_ids: stacked runs (:func:`load_runs`): each text's adapter (index, name, or
+      -1 / ``base``), all run in one batch.
 
   Returns:
     One dict per text: ``{"text", "label", "probs"}`` or ``{"text", "output"}``.
@@ -552,12 +654,26 @@ def predict(run: Run, texts: list[str], *, max_new_tokens: int = 64, temperature
   """
   if not texts:
     raise DataError("predict got no texts.")
-  params = jlora.merge(run.tree)
+  ids = None
+  if _stacked(run):
+    if adapter_ids is None or len(adapter_ids) != len(texts):
+      raise DataError(f"the run holds adapters {list(jlora.adapter_names(run.tree))}: give one "
+                      f"adapter id per text ({len(texts)} texts, "
+                      f"{0 if adapter_ids is None else len(adapter_ids)} ids)")
+    ids = _adapter_index(run, adapter_ids, "adapter_ids")
+    params = run.tree  # run through jlora.lora, each row with its own adapter
+  elif adapter_ids is not None:
+    raise DataError("adapter_ids needs a run with several adapters (load_runs)")
+  else:
+    params = jlora.merge(run.tree)
   if run.family == "bert" and run.config.data.task == "classification":
     enc = run.tokenizer(list(texts), truncation=True, max_length=run.config.data.max_length,
                         padding=True, return_tensors="np")
     batch = {k: jnp.asarray(v) for k, v in enc.items()}
-    logits = run.forward(params, batch, True, None)
+    if ids is None:
+      logits = run.forward(params, batch, True, None)
+    else:
+      logits = jlora.lora(run.forward)(params, batch, True, None, adapter_ids=jnp.asarray(ids))
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     return [{"text": t, "label": int(p.argmax()), "probs": [float(x) for x in p]}
             for t, p in zip(texts, probs)]
@@ -569,7 +685,7 @@ def predict(run: Run, texts: list[str], *, max_new_tokens: int = 64, temperature
         run.config.data.task == "instruction" or "instruct" in run.config.model.name.lower())
   outs = generate_text(params, run.model, run.tokenizer, list(texts),
                        max_new_tokens=max_new_tokens, chat=chat, temperature=temperature,
-                       top_p=top_p, seed=seed)
+                       top_p=top_p, seed=seed, adapter_ids=ids)
   return [{"text": t, "output": o} for t, o in zip(texts, outs)]
 
 
@@ -1088,8 +1204,11 @@ def _make_eval_fn(cfg: Config, model: _Model):
   @jax.jit
   def run(trainable, frozen, batch):
     tree = jlora.combine(trainable, frozen) if trainable is not None else frozen
-    params = jlora.merge(tree)  # also dequantises a quantised base (model.quantize)
-    logits = model.forward(params, batch, True, None)
+    if "adapter_ids" in batch:  # stacked adapters: each row routed to its own
+      logits = jlora.lora(model.forward)(tree, batch, True, None, adapter_ids=batch["adapter_ids"])
+    else:
+      params = jlora.merge(tree)  # also dequantises a quantised base (model.quantize)
+      logits = model.forward(params, batch, True, None)
     loss, count = _loss_sum(task, logits, batch)
     if task == "classification":
       return loss, count, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

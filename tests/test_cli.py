@@ -153,3 +153,56 @@ def test_default_job_runs_end_to_end_on_the_real_model(tmp_path, capsys):
   assert "test accuracy:" in out and "adapter saved to" in out
   res = json.loads((tmp_path / "run" / "results.json").read_text())
   assert res["metrics"]["test"]["examples"] == 96
+
+
+def test_several_runs_share_one_base_in_generate_and_eval(tiny, tmp_path, capsys):
+  """Two decoder runs stacked on one base: routed generation and evaluation equal each run alone."""
+  from test_train import _lm_overrides, make_tiny_llama
+  from jlora.train import evaluate_run, load_run, predict
+  env = {"root": tiny["root"], "llama": tiny.get("llama") or make_tiny_llama(tiny["root"])}
+  tiny["llama"] = env["llama"]
+  runs = []
+  for name, seed in (("lm-a", 0), ("lm-b", 1)):
+    over = _lm_overrides(env, name, **{"train.max_steps": 12, "train.seed": seed,
+                                       "method.train_also": "[]"})
+    assert main(["train", *over]) == 0
+    runs.append(tiny["root"] / name)
+  capsys.readouterr()
+  prompts = ["the movie was", "fun and"]
+  assert main(["generate", str(runs[0]), str(runs[1]), "-p", prompts[0], "-p", prompts[1],
+               "--adapter-ids", "1,lm-a", "--max-new-tokens", "6"]) == 0
+  out = capsys.readouterr().out
+  got = [b.split("\n", 1)[1].strip() for b in out.strip().split(">>> ")[1:]]
+  want = [predict(load_run(runs[1]), [prompts[0]], max_new_tokens=6)[0]["output"].strip(),
+          predict(load_run(runs[0]), [prompts[1]], max_new_tokens=6)[0]["output"].strip()]
+  assert got == want
+
+  # every adapter on every row, then rows routed by a data column
+  rows = [{"text": " ".join(["the", "movie", "was", "good"][: 2 + i % 3]), "adapter": ["lm-a", "lm-b"][i % 2]}
+          for i in range(12)]
+  data = tmp_path / "mixed.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  for r in rows:
+    r["adapter"] = "lm-b"
+  only_b = tmp_path / "only_b.jsonl"
+  only_b.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  common = [f"data.test_files={data}", "data.pack=false"]
+  assert main(["eval", str(runs[0]), str(runs[1]), *common, "--json"]) == 0
+  lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+  assert [x["adapter"] for x in lines] == ["lm-a", "lm-b"]
+  for x, r in zip(lines, runs):
+    alone = evaluate_run(load_run(r), "test", data_overrides={"test_files": str(data), "pack": False})
+    assert x["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+  assert main(["eval", str(runs[0]), str(runs[1]), f"data.test_files={only_b}", "data.pack=false",
+               "--adapter-column", "adapter", "--json"]) == 0
+  routed_b = json.loads(capsys.readouterr().out)
+  assert routed_b["loss"] == pytest.approx(lines[1]["loss"], rel=1e-5)
+  assert main(["eval", str(runs[0]), str(runs[1]), *common, "--adapter-column", "adapter",
+               "--json"]) == 0
+  mixed = json.loads(capsys.readouterr().out)
+  assert min(lines[0]["loss"], lines[1]["loss"]) < mixed["loss"] < max(lines[0]["loss"], lines[1]["loss"])
+  # bad input: no ids for several runs, an unknown adapter name
+  assert main(["generate", str(runs[0]), str(runs[1]), "-p", "x"]) == 2
+  assert "--adapter-ids" in capsys.readouterr().err
+  assert main(["generate", str(runs[0]), str(runs[1]), "-p", "x", "--adapter-ids", "zzz"]) == 2
+  assert "names no adapter" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 
 MODULES = ["jlora", "jlora._adapter", "jlora._methods.lora", "jlora._methods.lora_init", "jlora._methods.dora",
            "jlora._spec", "jlora._tree", "jlora._optim", "jlora._summary", "jlora._lora", "jlora._paths",
-           "jlora._checkpoint"]
+           "jlora._checkpoint", "jlora._multi", "jlora._methods.stacked"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -37,7 +37,7 @@ def test_every_public_name_has_a_docstring_with_an_example():
 _DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-@pytest.mark.parametrize("doc", sorted(p.name for p in _DOCS.glob("method_*.md")) + ["ARCHITECTURE.md"])
+@pytest.mark.parametrize("doc", sorted(p.name for p in _DOCS.glob("method_*.md")) + ["ARCHITECTURE.md", "multi_adapter.md"])
 def test_method_docs_examples_run(doc):
   """The runnable examples of each method's page (and of how to add a method) run as printed."""
   text = (_DOCS / doc).read_text()

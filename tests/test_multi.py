@@ -341,3 +341,23 @@ def test_bad_input_is_a_clear_error(llama):
     generate(multi, config, [[1], [2]], max_new_tokens=2, adapter_ids=[0])
   # nothing was mutated
   assert jlora.adapter_names(multi) == ("a", "b")
+
+
+@pytest.mark.parametrize("preset", ["fsdp", "tp"])
+def test_stacked_adapters_shard_with_their_kernels_and_route_the_same(llama, preset):
+  """8 fake devices: each adapter's factors follow the base kernel's spec (the adapter axis is
+  replicated); a sharded, jitted mixed batch equals the single-device one."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jlora import sharding
+  _, config, _, _, trees = llama
+  multi = jlora.stack_adapters([trees[n] for n in "abc"], names=list("abc"))
+  mesh = sharding.make_mesh((2, 4), preset)
+  specs = sharding.tree_specs(multi, preset, mesh=mesh)
+  placed = sharding.shard(multi, mesh, specs)
+  q = placed["layers"]["self_attn"]["q_proj"]["kernel"]
+  qs = specs["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert qs.a == P(None, *sharding.adapter_specs(qs.w, q.axes)[0])
+  assert q.a.sharding.is_equivalent_to(NamedSharding(mesh, qs.a), 4)
+  ids = jnp.array([2, 0])
+  fwd = jax.jit(lambda t, x, i: jlora.lora(llama_forward)(t, x, config, adapter_ids=i))
+  assert _diff(fwd(placed, jnp.asarray(IDS), ids), _logits(multi, config, ids)) < 1e-5
