@@ -137,11 +137,15 @@ class Adapter:
   # each example to its own adapter.
   routed: ClassVar[bool] = False
 
-  def __init__(self, *, spec: Any, axes: Axes | None, shape: tuple[int, ...], **children):
+  def __init__(self, *, spec: Any, axes: Axes | None, shape: tuple[int, ...] | None = None, **children):
     names = self.children()
     unknown = set(children) - set(names)
     if unknown:
       raise TypeError(f"{type(self).__name__} has no children {sorted(unknown)}; it has {list(names)}")
+    if shape is None:  # the base shape defaults to the frozen base's
+      if children.get("w") is None:
+        raise TypeError(f"{type(self).__name__} needs shape= when w is None")
+      shape = children["w"].shape
     for n in names:
       object.__setattr__(self, n, children.get(n))
     self.spec, self.axes, self.shape = spec, axes, tuple(int(d) for d in shape)

@@ -20,3 +20,27 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("jlora", deadline=None, max_examples=25, print_blob=True)
 settings.load_profile("jlora")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+  """A tiny random LlamaForCausalLM saved by transformers, and the same model as jlora params.
+
+  Returns ``(folder, config, params)``; torch seed 0, so every module that uses it sees the same
+  weights. Shared by the PEFT interop and many-adapter suites.
+  """
+  import torch
+  import transformers
+
+  from jlora.models.llama_io import load_llama
+
+  cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64)
+  torch.manual_seed(0)
+  d = tmp_path_factory.mktemp("tiny_llama") / "base"
+  transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+  config, params = load_llama(d)
+  return d, config, params

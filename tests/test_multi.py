@@ -13,7 +13,6 @@ import jlora
 from jlora import _multi
 from jlora.generate import generate
 from jlora.models.llama import llama_forward
-from jlora.models.llama_io import load_llama
 
 TOL = 2e-4
 IDS = np.array([[1, 5, 7, 9, 2, 3, 60, 0, 11, 42], [4, 4, 8, 15, 16, 23, 42, 63, 1, 2]])
@@ -27,17 +26,12 @@ def _diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-  """A tiny Llama on disk and as jlora params, with PEFT adapters "a", "b" (r=4) and "c" (r=2)."""
-  cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 max_position_embeddings=64)
-  torch.manual_seed(0)
-  d = tmp_path_factory.mktemp("llama")
-  transformers.LlamaForCausalLM(cfg).save_pretrained(d / "base")
-  config, params = load_llama(d / "base")
+def llama(tiny_llama, tmp_path_factory):
+  """The tiny Llama of tests/conftest.py with PEFT adapters "a", "b" (r=4) and "c" (r=2)."""
+  base_dir, config, params = tiny_llama
+  d = tmp_path_factory.mktemp("multi")
   torch.manual_seed(1)
-  base = transformers.LlamaForCausalLM.from_pretrained(d / "base").eval()
+  base = transformers.LlamaForCausalLM.from_pretrained(base_dir).eval()
   pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                  init_lora_weights=False), adapter_name="sql")
   pm.add_adapter("chat", peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS,
@@ -262,7 +256,7 @@ def test_weighted_merge_of_different_ranks_cat_and_svd(llama):
   assert q.rank == 6 and _diff(q.delta(), 0.5 * qa.delta() + 1.5 * qc.delta()) < 1e-5
 
 
-def test_stacked_checkpoint_and_peft_export_hold_every_adapter(llama, tmp_path):
+def test_stacked_checkpoint_and_peft_export_hold_every_adapter(llama, tiny_llama, tmp_path):
   d, config, params, pm, trees = llama
   multi = jlora.stack_adapters([trees[n] for n in "abc"], names=["sql", "chat", "code"])
   jlora.save_adapters(tmp_path / "ckpt", multi)
@@ -276,7 +270,7 @@ def test_stacked_checkpoint_and_peft_export_hold_every_adapter(llama, tmp_path):
     assert bool(jnp.array_equal(x, y))
   out = jlora.save_peft(tmp_path / "peft", multi, mapping="llama")
   assert sorted(p.name for p in out.iterdir()) == ["chat", "code", "sql"]
-  base = transformers.LlamaForCausalLM.from_pretrained(d / "base").eval()
+  base = transformers.LlamaForCausalLM.from_pretrained(tiny_llama[0]).eval()
   loaded = peft.PeftModel.from_pretrained(base, out / "sql", adapter_name="sql")
   loaded.load_adapter(out / "code", adapter_name="code")
   with torch.no_grad():

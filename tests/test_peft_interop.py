@@ -42,16 +42,9 @@ def _perturb_copies(pm, names, seed=0):
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-  """A tiny LlamaForCausalLM on disk, and the same model as jlora params."""
-  cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 max_position_embeddings=64)
-  torch.manual_seed(0)
-  d = tmp_path_factory.mktemp("llama") / "base"
-  transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-  config, params = load_llama(d)
-  return d, config, params
+def llama(tiny_llama):
+  """A tiny LlamaForCausalLM on disk, and the same model as jlora params (tests/conftest.py)."""
+  return tiny_llama
 
 
 def _torch_llama(d):

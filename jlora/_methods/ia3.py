@@ -143,10 +143,6 @@ class IA3Weight(Adapter):
   trainable = ("l",)
 
   def __init__(self, w=None, l=None, *, spec: IA3, axes: Axes, shape=None):  # noqa: E741
-    if shape is None:
-      if w is None:
-        raise TypeError("IA3Weight needs shape= when w is None")
-      shape = tuple(w.shape)
     super().__init__(w=w, l=l, spec=spec, axes=axes, shape=shape)
 
   @property

@@ -185,10 +185,6 @@ class LoraWeight(Adapter):
   trainable = ("a", "b")
 
   def __init__(self, w=None, a=None, b=None, *, spec: LoRA, axes, shape=None):
-    if shape is None:
-      if w is None:
-        raise TypeError("LoraWeight needs shape= when w is None")
-      shape = tuple(w.shape)
     super().__init__(w=w, a=a, b=b, spec=spec, axes=axes, shape=shape)
 
   @property
@@ -240,10 +236,6 @@ class FullWeight(Adapter):
   trainable = ("w",)
 
   def __init__(self, w=None, *, spec: Full | None = None, axes=None, shape=None):
-    if shape is None:
-      if w is None:
-        raise TypeError("FullWeight needs shape= when w is None")
-      shape = tuple(w.shape)
     super().__init__(w=w, spec=Full() if spec is None else spec, axes=None, shape=shape)
 
   def merged(self):

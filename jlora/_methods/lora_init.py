@@ -111,10 +111,6 @@ class LoraInitWeight(Adapter):
   saved = ("a", "b", "a0", "b0")
 
   def __init__(self, w=None, a0=None, b0=None, a=None, b=None, *, spec: LoRA, axes, shape=None):
-    if shape is None:
-      if w is None:
-        raise TypeError("LoraInitWeight needs shape= when w is None")
-      shape = tuple(w.shape)
     super().__init__(w=w, a0=a0, b0=b0, a=a, b=b, spec=spec, axes=axes, shape=shape)
 
   @property

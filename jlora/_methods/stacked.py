@@ -156,10 +156,6 @@ class StackedLoraWeight(Adapter):
   routed = True
 
   def __init__(self, w=None, a=None, b=None, *, spec: StackedLoRA, axes, shape=None):
-    if shape is None:
-      if w is None:
-        raise TypeError("StackedLoraWeight needs shape= when w is None")
-      shape = tuple(w.shape)
     super().__init__(w=w, a=a, b=b, spec=spec, axes=axes, shape=shape)
 
   @classmethod

@@ -173,10 +173,6 @@ class VeraWeight(Adapter):
 
   def __init__(self, w=None, proj_a=None, proj_b=None, lambda_d=None, lambda_b=None, *, spec: VeRA,
                axes: Axes, shape=None):
-    if shape is None:
-      if w is None:
-        raise TypeError("VeraWeight needs shape= when w is None")
-      shape = tuple(w.shape)
     super().__init__(w=w, proj_a=proj_a, proj_b=proj_b, lambda_d=lambda_d, lambda_b=lambda_b,
                      spec=spec, axes=axes, shape=shape)
 
