@@ -134,12 +134,18 @@ class DataConfig:
     max_length: tokens per row (classification, instruction) or per packed block
       (causal_lm); longer texts are truncated with one warning.
     pack: causal_lm: pack texts into full blocks (True) or one padded row per text.
+      classification (BERT): pack each batch's sentences into rows of max_length
+      tokens, several per row with segment ids (attention stays inside each
+      sentence, positions restart, each is pooled alone: the same logits as
+      padded rows, with ~9% of the positions padding instead of ~50%); the
+      batches hold the same sentences as unpacked ones. False: one padded row
+      per sentence (cut to the batch's longest with ``bucket``).
     chat_template: instruction: format with the tokenizer's chat template.
     max_train_examples: use at most this many training rows (0: all).
     max_eval_examples: use at most this many validation / test rows (0: all).
     bucket: sort each shuffled window of rows by length and cut every batch to
       its longest row (rounded up to a multiple of 16) to skip padding
-      (classification and instruction; a few shapes get compiled).
+      (instruction, and classification with pack=false; a few shapes get compiled).
   """
 
   task: str = "classification"

@@ -78,6 +78,8 @@ __all__ = [
 _IGNORE = -100
 _BUCKET_MULTIPLE = 16
 _BUCKET_WINDOW = 64  # batches per sorting window
+_UNROLL_LAYERS = 64  # encoder layers run unrolled (up to this many)
+_MAX_PACKED_SHAPES = 4  # row counts a packed classification run compiles for
 
 
 @dataclasses.dataclass
@@ -213,6 +215,12 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
   if resumed_from is not None:
     log(f"resuming from {resumed_from} (step {start_step})")
 
+  packer = None
+  if _packs(cfg, family):
+    packer = _Packer(cfg, feats["train"], total_steps)
+    log(f"packed batches: {tc.batch_size} sentences in {packer.buckets} rows of "
+        f"{cfg.data.max_length} tokens ({packer.efficiency:.0%} of the positions are real "
+        "tokens)")
   train_step = _make_train_step(cfg, model, frozen, tx, total_steps)
   eval_fn = _make_eval_fn(cfg, model)
   stopper = _Stopper()
@@ -230,11 +238,14 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
                    dynamic_ncols=True, file=sys.stderr)
       rate_t, rate_tokens = time.perf_counter(), 0
       while step < total_steps:
-        it = _train_batches(cfg, feats["train"], epoch, position)
+        it = _train_batches(cfg, feats["train"], epoch, position, packed=packer is not None)
         for batch in it:
           rng = jax.random.fold_in(jax.random.key(tc.seed + 1), step)
           n_tok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-          stacked = {k: v.reshape(tc.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
+          if packer is not None:
+            stacked = packer(batch)
+          else:
+            stacked = {k: v.reshape(tc.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
           trainable, opt_state, m = train_step(trainable, opt_state, stacked, rng, step)
           step += 1
           position = it.position
@@ -794,9 +805,11 @@ def _load_model(cfg: Config, family: str, num_labels: int | None) -> _Model:
   tokenizer = _load_tokenizer(cfg.model.name, family)
   if family == "bert":
     from jlora.models.bert import load_bert  # noqa: PLC0415
+    # the layers run unrolled: on XLA:CPU the scanned loop's weight slices and stacked
+    # residual buffers cost ~13% of a MiniLM step (experiments/results/bench_main_job.txt)
     kw: dict[str, Any] = dict(dtype=dtype, param_dtype=jnp.float32, with_tokenizer=False,
                               remat_policy="nothing_saveable" if cfg.model.remat else None,
-                              key=jax.random.key(cfg.train.seed))
+                              key=jax.random.key(cfg.train.seed), scan_unroll=_UNROLL_LAYERS)
     if cfg.data.task == "classification":
       kw.update(task="classification", num_labels=num_labels, pooling=cfg.model.pooling)
     else:
@@ -807,6 +820,10 @@ def _load_model(cfg: Config, family: str, num_labels: int | None) -> _Model:
     def forward(p, batch, deterministic, rng):
       det = deterministic or not use_dropout
       kwargs = {} if det else {"rngs": {"dropout": rng}}
+      if "segment_ids" in batch:  # packed rows (data.pack): one logit row per sequence
+        return module.apply({"params": p}, batch["input_ids"], None, batch["token_type_ids"],
+                            batch["position_ids"], deterministic=det,
+                            segment_ids=batch["segment_ids"], pool=batch["pool"], **kwargs)
       return module.apply({"params": p}, batch["input_ids"], batch.get("attention_mask"),
                           batch.get("token_type_ids"), deterministic=det, **kwargs)
 
@@ -1075,10 +1092,57 @@ def _trim(batch: dict[str, np.ndarray], max_len: int) -> dict[str, np.ndarray]:
   return {k: (v[:, :width] if v.ndim == 2 and v.shape[1] == max_len else v) for k, v in batch.items()}
 
 
-def _train_batches(cfg: Config, feats: dict[str, np.ndarray], epoch: int, start: int) -> _BucketBatches:
-  bucket = cfg.data.bucket and cfg.data.task != "causal_lm"
+def _train_batches(cfg: Config, feats: dict[str, np.ndarray], epoch: int, start: int,
+                   packed: bool = False) -> _BucketBatches:
+  bucket = cfg.data.bucket and cfg.data.task != "causal_lm" and not packed
   return _BucketBatches(feats, cfg.train.batch_size, cfg.train.seed, epoch, start, bucket,
                         cfg.data.max_length)
+
+
+def _packs(cfg: Config, family: str) -> bool:
+  """Classification on an encoder with data.pack: sentences packed into full rows."""
+  return cfg.data.pack and cfg.data.task == "classification" and family == "bert"
+
+
+class _Packer:
+  """Packs each training batch's micro-batches into a few fixed row counts (segment ids).
+
+  The row counts (at most ``_MAX_PACKED_SHAPES``, so the step compiles that many
+  times) are chosen from every micro-batch of the run before it starts; the
+  batches themselves are the plain shuffled ones, the same rows a padded run sees.
+  """
+
+  def __init__(self, cfg: Config, feats: dict[str, np.ndarray], total_steps: int):
+    from jlora.data import packed_rows_needed, row_buckets  # noqa: PLC0415
+    tc = cfg.train
+    self._width = cfg.data.max_length
+    self._accum = tc.grad_accum
+    self._pooling = cfg.model.pooling
+    n_batches = len(next(iter(feats.values()))) // tc.batch_size
+    needed, real = [], 0
+    for epoch in range(-(-total_steps // max(n_batches, 1))):
+      for batch in _train_batches(cfg, {"attention_mask": feats["attention_mask"]}, epoch, 0,
+                                  packed=True):
+        for m in self._micro(batch):
+          needed.append(packed_rows_needed(m, self._width))
+          real += int(m["attention_mask"].sum())
+    self.buckets = row_buckets(needed, max_shapes=_MAX_PACKED_SHAPES)
+    rows = sum(min(b for b in self.buckets if b >= n) for n in needed)
+    self.efficiency = float(real / max(rows * self._width, 1))
+
+  def _micro(self, batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    size = len(next(iter(batch.values()))) // self._accum
+    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(self._accum)]
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from jlora.data import pack_rows, packed_rows_needed  # noqa: PLC0415
+    micro = self._micro(batch)
+    need = max(packed_rows_needed(m, self._width) for m in micro)
+    fits = [b for b in self.buckets if b >= need]
+    rows = fits[0] if fits else need  # a later epoch's batch beyond the buckets: one more shape
+    packed = [pack_rows(m, self._width, rows=rows, pooling=self._pooling,
+                        keep=("labels", "example_mask")) for m in micro]
+    return {k: np.stack([p[k] for p in packed]) for k in packed[0]}
 
 
 def _eval_batches(feats: dict[str, np.ndarray], batch_size: int, max_len: int,
@@ -1100,6 +1164,20 @@ def _eval_batches(feats: dict[str, np.ndarray], batch_size: int, max_len: int,
     if bucket and "attention_mask" in feats:
       batch = _trim(batch, max_len)
     yield batch
+
+
+def _packed_eval_batches(feats: dict[str, np.ndarray], batch_size: int, width: int,
+                         pooling: str) -> Iterator[dict[str, np.ndarray]]:
+  """:func:`_eval_batches` (length-sorted) with each batch packed into a few row counts."""
+  from jlora.data import pack_rows, packed_rows_needed, row_buckets  # noqa: PLC0415
+  # sorted by length, so a batch's rows hold sequences of similar length
+  order = np.argsort(-feats["attention_mask"].sum(-1), kind="stable")
+  plain = list(_eval_batches({k: v[order] for k, v in feats.items()}, batch_size, width, False))
+  needed = [packed_rows_needed(b, width) for b in plain]
+  buckets = row_buckets(needed, max_shapes=_MAX_PACKED_SHAPES)
+  for b, need in zip(plain, needed):
+    rows = min(x for x in buckets if x >= need)
+    yield pack_rows(b, width, rows=rows, pooling=pooling, keep=("labels", "example_mask"))
 
 
 # =========================================================================== #
@@ -1223,7 +1301,12 @@ def _evaluate(eval_fn, trainable, frozen, feats: dict[str, np.ndarray], cfg: Con
   bucket = cfg.data.bucket and task != "causal_lm"
   loss_sum, count = 0.0, 0.0
   probs, labels = [], []
-  for batch in _eval_batches(feats, cfg.train.eval_batch_size, cfg.data.max_length, bucket):
+  if task == "classification" and cfg.data.pack and "adapter_ids" not in feats:
+    it = _packed_eval_batches(feats, cfg.train.eval_batch_size, cfg.data.max_length,
+                              cfg.model.pooling)
+  else:
+    it = _eval_batches(feats, cfg.train.eval_batch_size, cfg.data.max_length, bucket)
+  for batch in it:
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
     loss, n, p = eval_fn(trainable, frozen, jb)
     loss_sum += float(loss)

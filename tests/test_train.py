@@ -196,7 +196,7 @@ def test_lora_dropout_is_applied_in_training(tiny):
   from jlora.train import LORA_DROPOUT_SALT
   over = tiny_cls_overrides(tiny["root"], tiny["bert"], "dropout", **{
       "train.max_steps": 1, "train.warmup_ratio": 0, "train.clip_norm": 0, "train.weight_decay": 0,
-      "method.dropout": 0.5, "resume": False})
+      "method.dropout": 0.5, "resume": False, "data.pack": False})  # padded rows: masks by row
   cfg = load_config(overrides=over)
   res = train(cfg, log=_quiet)
   got = jlora.split(load_adapters(res.adapter_dir, _base_params(cfg)))[0]
@@ -233,7 +233,8 @@ def test_lora_dropout_is_applied_in_training(tiny):
 
 def _base_params(cfg):
   from jlora.models.bert import load_bert
-  _, params, _ = load_bert(cfg.model.name, task="classification", num_labels=2, pooling="mean",
+  _, params, _ = load_bert(cfg.model.name, task="classification", num_labels=2,
+                           pooling=cfg.model.pooling,
                            key=jax.random.key(cfg.train.seed), with_tokenizer=False)
   return params
 
@@ -248,6 +249,54 @@ def test_gradient_accumulation_equals_one_big_batch(tiny):
     outs.append(jlora.split(load_adapters(res.adapter_dir, _base_params(cfg)))[0])
   for a, b in zip(_arrays(outs[0]), _arrays(outs[1])):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_packed_batches_train_and_evaluate_as_padded_rows(tiny, pooling):
+  """data.pack (several sentences per row, segment ids) gives the padded run's adapters and
+  metrics: packing changes where tokens sit, not what the model computes."""
+  outs, metrics = [], []
+  for pack in (False, True):
+    cfg = load_config(overrides=tiny_cls_overrides(
+        tiny["root"], tiny["bert"], f"pack{pack}{pooling}", **{
+            "data.pack": pack, "train.max_steps": 3, "train.grad_accum": 2,
+            "model.pooling": pooling, "resume": False}))
+    logs = []
+    res = train(cfg, log=logs.append)
+    assert any("packed batches" in line for line in logs) == pack
+    outs.append(jlora.split(load_adapters(res.adapter_dir, _base_params(cfg)))[0])
+    metrics.append(res.metrics["test"])
+  for a, b in zip(_arrays(outs[0]), _arrays(outs[1])):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  assert metrics[0]["accuracy"] == metrics[1]["accuracy"]
+  assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-5)
+
+
+def test_pack_rows_places_every_token_once_and_fits_the_buckets():
+  from jlora.data import pack_rows, packed_rows_needed, row_buckets
+  rng = np.random.default_rng(3)
+  lengths = rng.integers(1, 17, size=40)
+  mask = (np.arange(16)[None] < lengths[:, None]).astype(np.int32)
+  ids = np.where(mask, rng.integers(1, 999, size=(40, 16)), 0)
+  batch = {"input_ids": ids, "attention_mask": mask, "labels": np.arange(40)}
+  need = packed_rows_needed(batch, 16)
+  assert need >= -(-lengths.sum() // 16)  # never fewer rows than the tokens need
+  p = pack_rows(batch, 16, rows=need + 2)
+  assert p["input_ids"].shape == (need + 2, 16) and p["pool"].shape == (40, need + 2, 16)
+  np.testing.assert_allclose(p["pool"].sum((1, 2)), 1.0, rtol=1e-6)  # mean weights sum to 1
+  for i in range(40):  # each sentence's tokens, in order, where its pool weights are
+    where = p["pool"][i] > 0
+    assert where.sum() == lengths[i]
+    assert p["input_ids"][where].tolist() == ids[i, :lengths[i]].tolist()
+    assert p["position_ids"][where].tolist() == list(range(lengths[i]))
+    assert len(set(p["segment_ids"][where].tolist())) == 1
+  assert (p["segment_ids"] > 0).sum() == lengths.sum()
+  with pytest.raises(jlora.DataError, match="more than rows"):
+    pack_rows(batch, 16, rows=need - 1)
+  with pytest.raises(jlora.DataError, match="does not fit"):
+    pack_rows(batch, 8)
+  assert row_buckets([3, 9, 10, 11, 12, 25], max_shapes=3) == [4, 12, 28]  # step 4
+  assert all(b >= n for n in [3, 9, 25] for b in [min(x for x in row_buckets([3, 9, 25]) if x >= n)])
 
 
 def test_ctrl_c_saves_and_resume_equals_an_uninterrupted_run(tiny):

@@ -6,6 +6,8 @@
   text files, or the Hugging Face hub, through ``datasets.load_dataset``.
 * :class:`ClassificationTask`, :class:`CausalLMTask`, :class:`InstructionTask`:
   validate a dataset and turn it into fixed-shape int32 numpy features.
+* :func:`pack_rows`: several short sequences per row with segment ids, for
+  classification batches that spend no compute on padding.
 * :func:`batches`: a seeded, per-epoch, multi-process-sharded, resumable
   iterator of numpy batches over those features.
 
@@ -18,6 +20,7 @@ Example:
 
 from jlora.data._batches import Batches, batches, epoch_order
 from jlora.data._corpus import SENTIMENT_DOMAINS, SPLIT_FRACTIONS, load_sentiment, sentiment_split_of
+from jlora.data._pack import pack_rows, packed_rows_needed, row_buckets
 from jlora.data._files import FILE_FORMATS, load_files, load_hub
 from jlora.data._tasks import (
     IGNORE_INDEX,
@@ -42,5 +45,8 @@ __all__ = [
     "load_files",
     "load_hub",
     "load_sentiment",
+    "pack_rows",
+    "packed_rows_needed",
+    "row_buckets",
     "sentiment_split_of",
 ]

@@ -107,6 +107,11 @@ class BertConfig:
     remat_policy: None (no rematerialisation) or the name of a
       ``jax.checkpoint_policies`` policy applied to each scanned layer,
       e.g. ``"nothing_saveable"`` or ``"dots_saveable"``.
+    scan_unroll: layers per iteration of the ``lax.scan`` over the stacked layers
+      (1: a loop; ``num_hidden_layers``: fully unrolled). Unrolling removes the
+      loop's per-layer weight slices and stacked residual buffers: on XLA:CPU a
+      fully unrolled MiniLM (6 layers) trains about 13% faster per token, and
+      compiles longer. The params are stacked the same either way.
     precision: matmul precision, None / ``"default"`` / ``"high"`` /
       ``"highest"``; on GPU and TPU the default lets float32 matmuls run in
       reduced precision (TF32 / bfloat16 passes), ``"highest"`` does not.
@@ -139,6 +144,7 @@ class BertConfig:
   add_pooling_layer: bool = True
   remat_policy: str | None = None
   precision: str | None = None
+  scan_unroll: int = 1
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -159,6 +165,9 @@ class BertConfig:
       raise ConfigError(
           f"BertConfig.remat_policy={self.remat_policy!r} is not supported; use None or one of "
           f"{list(_REMAT_POLICIES)}")
+    if (not isinstance(self.scan_unroll, (int, np.integer)) or isinstance(self.scan_unroll, bool)
+        or self.scan_unroll < 1):
+      raise ConfigError(f"BertConfig.scan_unroll must be a positive int, got {self.scan_unroll!r}")
     if self.precision not in (None, "default", "high", "highest"):
       raise ConfigError(
           f"BertConfig.precision must be None, 'default', 'high' or 'highest', got {self.precision!r}")
@@ -334,12 +343,32 @@ class BertForSequenceClassification(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-               *, deterministic: bool = True):
-    """Returns float32 logits ``(B, num_labels)``; arguments as :class:`BertModel`."""
+               *, deterministic: bool = True, segment_ids=None, pool=None):
+    """Returns float32 logits ``(B, num_labels)``; arguments as :class:`BertModel`.
+
+    Packed rows (several sequences per row, no compute spent on padding): pass
+    ``segment_ids`` (int ``(R, T)``: tokens with the same positive id are one
+    sequence and attend only to each other; 0 is padding), ``position_ids``
+    restarting at 0 in each sequence, and ``pool`` (float ``(N, R, T)``: row
+    ``n`` holds sequence ``n``'s pooling weights: ``1/len`` on its tokens for
+    ``pooling="mean"``, 1 on its first token for ``"cls"``). Then the logits are
+    ``(N, num_labels)``, one row per sequence, equal to the unpacked model's.
+    :func:`jlora.data.pack_rows` builds these arrays.
+    """
     c = self.config
     hidden, mask = _encode(c, input_ids, attention_mask, token_type_ids, position_ids,
-                           deterministic)
-    if c.pooling == "cls":
+                           deterministic, segment_ids=segment_ids)
+    if pool is not None:
+      pool = jnp.asarray(pool, jnp.float32)
+      if pool.ndim != 3 or pool.shape[1:] != hidden.shape[:2]:
+        raise ModelError(f"pool must be (sequences, rows, seq) = (N, {hidden.shape[0]}, "
+                         f"{hidden.shape[1]}), got shape {pool.shape}")
+      picked = jnp.einsum("nrt,rth->nh", pool, hidden.astype(jnp.float32))
+      if c.pooling == "cls":
+        pooled = _Pooler(c, name="pooler")(picked.astype(c.dtype)[:, None])
+      else:
+        pooled = picked.astype(c.dtype)
+    elif c.pooling == "cls":
       pooled = _Pooler(c, name="pooler")(hidden)
     else:
       pooled = mean_pool(hidden, mask).astype(c.dtype)
@@ -406,7 +435,7 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
 
 
 def _encode(c: BertConfig, input_ids, attention_mask, token_type_ids, position_ids,
-            deterministic: bool):
+            deterministic: bool, segment_ids=None):
   """Embeddings + scanned layers.
 
   The submodules become children ``embeddings`` / ``layers`` of the module whose
@@ -420,6 +449,14 @@ def _encode(c: BertConfig, input_ids, attention_mask, token_type_ids, position_i
     raise ModelError(
         f"sequence length {t} exceeds max_position_embeddings={c.max_position_embeddings}; "
         "truncate the input (tokenizer(..., truncation=True, max_length=...))")
+  if segment_ids is not None:
+    segment_ids = jnp.asarray(segment_ids)
+    if segment_ids.shape != (b, t):
+      raise ModelError(f"segment_ids has shape {segment_ids.shape}, expected {(b, t)}")
+    if attention_mask is not None:
+      raise ModelError("pass segment_ids or attention_mask, not both (packed rows derive "
+                       "their mask from segment_ids: 0 is padding)")
+    attention_mask = (segment_ids > 0).astype(jnp.int32)
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), jnp.int32)
   attention_mask = jnp.asarray(attention_mask)
@@ -436,8 +473,11 @@ def _encode(c: BertConfig, input_ids, attention_mask, token_type_ids, position_i
                          policy=getattr(jax.checkpoint_policies, c.remat_policy))
   stack = nn.scan(layer_cls, variable_axes={"params": 0},
                   split_rngs={"params": True, "dropout": True},
-                  in_axes=(nn.broadcast,), length=c.num_hidden_layers)
+                  in_axes=(nn.broadcast,), length=c.num_hidden_layers,
+                  unroll=min(int(c.scan_unroll), c.num_hidden_layers))
   keep = attention_mask.astype(bool)
+  if segment_ids is not None:  # (B, T, T): each token sees its own sequence only
+    keep = (segment_ids[:, :, None] == segment_ids[:, None, :]) & keep[:, None, :]
   x, _ = stack(c, deterministic, name="layers")(x, keep)
   return x, attention_mask
 
@@ -482,7 +522,8 @@ class _SelfAttention(nn.Module):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=c.precision,
                         preferred_element_type=jnp.float32)
     scores = scores * (c.head_dim ** -0.5)
-    scores = jnp.where(keep[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    mask = keep[:, None, None, :] if keep.ndim == 2 else keep[:, None, :, :]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(c.dtype), v, precision=c.precision)
@@ -751,7 +792,8 @@ def load_bert(path_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
               pooling: str | None = None, param_dtype: Any = None,
               key: jax.Array | None = None, with_tokenizer: bool = True,
               remat_policy: str | None = None,
-              precision: str | None = None) -> tuple[nn.Module, dict[str, Any], Any]:
+              precision: str | None = None,
+              scan_unroll: int = 1) -> tuple[nn.Module, dict[str, Any], Any]:
   """Loads a local Hugging Face BERT checkpoint directory as a jlora model.
 
   Reads ``config.json`` (transformers.AutoConfig), ``model.safetensors`` or a
@@ -775,6 +817,7 @@ def load_bert(path_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
       biases. None: ``jax.random.key(0)``.
     with_tokenizer: load the tokenizer; False returns None in its place.
     remat_policy: optional ``jax.checkpoint_policies`` name for each layer.
+    scan_unroll: layers per scan iteration (:attr:`BertConfig.scan_unroll`).
     precision: matmul precision (see :class:`BertConfig`); ``"highest"`` for
       float32 parity with torch on GPU / TPU.
 
@@ -802,7 +845,8 @@ def load_bert(path_or_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
                      "holding config.json and model.safetensors")
   hf_config = _read_hf_config(root)
   overrides: dict[str, Any] = dict(dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype,
-                                   remat_policy=remat_policy, precision=precision)
+                                   remat_policy=remat_policy, precision=precision,
+                                   scan_unroll=scan_unroll)
   if num_labels is not None:
     overrides["num_labels"] = num_labels
   if pooling is not None:
