@@ -168,7 +168,6 @@ def _jlora_run(tmp: Path, cache: Path, tag: str, overrides: list[str]) -> dict:
                       "train.progress=false", *overrides], env)
   rec = json.loads((out / "results.json").read_text())
   return {"wall_seconds": wall, "train_seconds": rec["train_seconds"],
-          "compile_seconds": rec.get("compile_seconds"),
           "steps": rec["steps"], "metrics": {s: {"accuracy": m["accuracy"]}
                                              for s, m in rec["metrics"].items()},
           "log_tail": log.strip().splitlines()[-3:]}

@@ -245,7 +245,7 @@ class TrainConfig:
   max_steps: int = 0
   batch_size: int = 32
   grad_accum: int = 1
-  lr: float = 1e-3
+  lr: float = 2e-3
   weight_decay: float = 0.0
   warmup_ratio: float = 0.06
   min_lr_ratio: float = 0.0

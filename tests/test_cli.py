@@ -206,3 +206,32 @@ def test_several_runs_share_one_base_in_generate_and_eval(tiny, tmp_path, capsys
   assert "--adapter-ids" in capsys.readouterr().err
   assert main(["generate", str(runs[0]), str(runs[1]), "-p", "x", "--adapter-ids", "zzz"]) == 2
   assert "names no adapter" in capsys.readouterr().err
+
+
+def test_compilation_cache_stores_compiled_programs(tmp_path):
+  """The jlora command's persistent compilation cache writes the compiled program to its folder
+  (a second process would load it instead of compiling), and =off turns it off."""
+  import subprocess
+  import sys
+  code = (
+      "import jax, jax.numpy as jnp\n"
+      "from jlora.cli import enable_compilation_cache\n"
+      f"assert enable_compilation_cache({str(tmp_path / 'xla')!r}) == {str(tmp_path / 'xla')!r}\n"
+      "def f(x):\n"
+      "  for i in range(300):\n"
+      "    x = jnp.sin(x @ x.T) + i\n"
+      "  return x\n"
+      "jax.jit(f)(jnp.ones((8, 8))).block_until_ready()\n")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+  assert any((tmp_path / "xla").iterdir())
+  from jlora.cli import enable_compilation_cache
+  import os
+  old = os.environ.get("JLORA_COMPILATION_CACHE")
+  os.environ["JLORA_COMPILATION_CACHE"] = "off"
+  try:
+    assert enable_compilation_cache() is None
+  finally:
+    if old is None:
+      del os.environ["JLORA_COMPILATION_CACHE"]
+    else:
+      os.environ["JLORA_COMPILATION_CACHE"] = old
