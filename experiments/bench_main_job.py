@@ -190,15 +190,11 @@ def main() -> None:
   ap.add_argument("--reference-only", action="store_true")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   ap.add_argument("--no-save", action="store_true", help="print only, do not write results/")
-  ap.add_argument("overrides", nargs="*", help="jlora train overrides for both sides is not "
-                  "supported: the reference reads jlora.config.Config() defaults")
   args = ap.parse_args()
   if args.worker:
     rec = _reference(args.worker)
     Path(args.worker, "reference.json").write_text(json.dumps(rec))
     return
-  if args.overrides:
-    raise SystemExit("the benchmark compares the defaults; change jlora.config to change both")
   load_before = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as d:
     tmp = Path(d)

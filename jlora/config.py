@@ -137,7 +137,7 @@ class DataConfig:
       classification (BERT): pack each batch's sentences into rows of max_length
       tokens, several per row with segment ids (attention stays inside each
       sentence, positions restart, each is pooled alone: the same logits as
-      padded rows, with ~9% of the positions padding instead of ~50%); the
+      padded rows, with far fewer padding positions: the run logs its share); the
       batches hold the same sentences as unpacked ones. False: one padded row
       per sentence (cut to the batch's longest with ``bucket``).
     chat_template: instruction: format with the tokenizer's chat template.

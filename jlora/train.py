@@ -805,8 +805,8 @@ def _load_model(cfg: Config, family: str, num_labels: int | None) -> _Model:
   tokenizer = _load_tokenizer(cfg.model.name, family)
   if family == "bert":
     from jlora.models.bert import load_bert  # noqa: PLC0415
-    # the layers run unrolled: on XLA:CPU the scanned loop's weight slices and stacked
-    # residual buffers cost ~13% of a MiniLM step (experiments/results/bench_main_job.txt)
+    # the layers run unrolled: on XLA:CPU the scanned loop's per-layer weight slices and
+    # stacked residual buffers showed up in a profile of the MiniLM step
     kw: dict[str, Any] = dict(dtype=dtype, param_dtype=jnp.float32, with_tokenizer=False,
                               remat_policy="nothing_saveable" if cfg.model.remat else None,
                               key=jax.random.key(cfg.train.seed), scan_unroll=_UNROLL_LAYERS)
@@ -1127,7 +1127,7 @@ class _Packer:
           needed.append(packed_rows_needed(m, self._width))
           real += int(m["attention_mask"].sum())
     self.buckets = row_buckets(needed, max_shapes=_MAX_PACKED_SHAPES)
-    rows = sum(min(b for b in self.buckets if b >= n) for n in needed)
+    rows = sum(_bucket_for(self.buckets, n) for n in needed)
     self.efficiency = float(real / max(rows * self._width, 1))
 
   def _micro(self, batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -1138,9 +1138,7 @@ class _Packer:
     from jlora.data import pack_rows, packed_rows_needed  # noqa: PLC0415
     micro = self._micro(batch)
     need = max(packed_rows_needed(m, self._width) for m in micro)
-    fits = [b for b in self.buckets if b >= need]
-    rows = fits[0] if fits else need  # a later epoch's batch beyond the buckets: one more shape
-    packed = [pack_rows(m, self._width, rows=rows, pooling=self._pooling,
+    packed = [pack_rows(m, self._width, rows=_bucket_for(self.buckets, need), pooling=self._pooling,
                         keep=("labels", "example_mask")) for m in micro]
     return {k: np.stack([p[k] for p in packed]) for k in packed[0]}
 
@@ -1170,14 +1168,18 @@ def _packed_eval_batches(feats: dict[str, np.ndarray], batch_size: int, width: i
                          pooling: str) -> Iterator[dict[str, np.ndarray]]:
   """:func:`_eval_batches` (length-sorted) with each batch packed into a few row counts."""
   from jlora.data import pack_rows, packed_rows_needed, row_buckets  # noqa: PLC0415
-  # sorted by length, so a batch's rows hold sequences of similar length
-  order = np.argsort(-feats["attention_mask"].sum(-1), kind="stable")
-  plain = list(_eval_batches({k: v[order] for k, v in feats.items()}, batch_size, width, False))
+  plain = list(_eval_batches(feats, batch_size, width, bucket=True))  # length-sorted
   needed = [packed_rows_needed(b, width) for b in plain]
   buckets = row_buckets(needed, max_shapes=_MAX_PACKED_SHAPES)
   for b, need in zip(plain, needed):
-    rows = min(x for x in buckets if x >= need)
-    yield pack_rows(b, width, rows=rows, pooling=pooling, keep=("labels", "example_mask"))
+    yield pack_rows(b, width, rows=_bucket_for(buckets, need), pooling=pooling,
+                    keep=("labels", "example_mask"))
+
+
+def _bucket_for(buckets: list[int], need: int) -> int:
+  """The smallest row bucket that holds ``need`` rows (``need`` itself beyond the largest:
+  a later epoch's batch can need more rows than any the buckets were chosen from)."""
+  return next((b for b in buckets if b >= need), need)
 
 
 # =========================================================================== #

@@ -109,8 +109,8 @@ class BertConfig:
       e.g. ``"nothing_saveable"`` or ``"dots_saveable"``.
     scan_unroll: layers per iteration of the ``lax.scan`` over the stacked layers
       (1: a loop; ``num_hidden_layers``: fully unrolled). Unrolling removes the
-      loop's per-layer weight slices and stacked residual buffers: on XLA:CPU a
-      fully unrolled MiniLM (6 layers) trains about 13% faster per token, and
+      loop's per-layer weight slices and stacked residual buffers (faster steps
+      on XLA:CPU in an ad-hoc timing of MiniLM, not a saved benchmark) and
       compiles longer. The params are stacked the same either way.
     precision: matmul precision, None / ``"default"`` / ``"high"`` /
       ``"highest"``; on GPU and TPU the default lets float32 matmuls run in
