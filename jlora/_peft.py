@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import _families
 from jlora._checkpoint import _short, atomic_write_dir, safe_child
 from jlora._errors import CheckpointError, ModelError, SpecError, TreeError
 from jlora._quant import is_whole
@@ -185,27 +186,13 @@ class PeftMapping:
     return re.escape(self.modules[module]).replace(re.escape("{i}"), r"\d+")
 
 
-def _llama_modules() -> dict[str, str]:
-  mods = {"embed_tokens": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
-          "layers/input_layernorm": "model.layers.{i}.input_layernorm",
-          "layers/post_attention_layernorm": "model.layers.{i}.post_attention_layernorm"}
-  for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
-    mods[f"layers/self_attn/{m}"] = f"model.layers.{{i}}.self_attn.{m}"
-  for m in ("gate_proj", "up_proj", "down_proj"):
-    mods[f"layers/mlp/{m}"] = f"model.layers.{{i}}.mlp.{m}"
-  return mods
-
-
-def _bert_modules(classification: bool) -> dict[str, str]:
-  p = "bert." if classification else ""
-  mods = {f"embeddings/{e}": f"{p}embeddings.{e}"
-          for e in ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")}
-  for m in ("attention/self/query", "attention/self/key", "attention/self/value",
-            "attention/output/dense", "attention/output/LayerNorm", "intermediate/dense",
-            "output/dense", "output/LayerNorm"):
-    mods[f"layers/{m}"] = f"{p}encoder.layer.{{i}}.{m.replace('/', '.')}"
-  mods["pooler/dense"] = f"{p}pooler.dense"
-  mods["classifier"] = "classifier"
+def _family_modules(name: str, head: bool) -> dict[str, str]:
+  """A family's torch module names (:mod:`jlora._families`), with its task head's prefix."""
+  fam = _families.family(name)
+  prefix = fam.peft_head_prefix if head else ""
+  mods = {k: prefix + v for k, v in fam.peft_modules.items()}
+  if head:
+    mods.update(fam.peft_head_modules)
   return mods
 
 
@@ -214,9 +201,9 @@ def _bert_modules(classification: bool) -> dict[str, str]:
 #: (``jlora.models.bert``; ``"bert"`` names modules as ``BertModel`` does, or as
 #: ``BertForSequenceClassification`` when the tree has a ``classifier``).
 PEFT_MAPPINGS: dict[str, PeftMapping] = {
-    "llama": PeftMapping(_llama_modules()),
-    "bert-base": PeftMapping(_bert_modules(False)),
-    "bert-classification": PeftMapping(_bert_modules(True)),
+    "llama": PeftMapping(_family_modules("llama", head=False)),
+    "bert-base": PeftMapping(_family_modules("bert", head=False)),
+    "bert-classification": PeftMapping(_family_modules("bert", head=True)),
 }
 
 

@@ -42,6 +42,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jlora import _families
 from jlora._errors import ShardingError
 from jlora._paths import closest_paths, compile_pattern, path_str
 from jlora._adapter import Adapter, Axes, factor_layouts, is_adapted
@@ -61,43 +62,12 @@ PRESETS = ("dp", "fsdp", "tp", "fsdp_tp")
 
 MeshAxes = str | tuple[str, ...] | None
 
-#: Logical axis names of every leaf of :mod:`jlora.models.llama` (first matching glob wins).
-LLAMA_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    ("**/embed_tokens/embedding", ("vocab", "embed")),
-    ("**/layers/self_attn/{q,k,v}_proj/kernel", ("layers", "embed", "heads")),
-    ("**/layers/self_attn/{q,k,v}_proj/bias", ("layers", "heads")),
-    ("**/layers/self_attn/o_proj/kernel", ("layers", "heads", "embed")),
-    ("**/layers/self_attn/o_proj/bias", ("layers", "embed")),
-    ("**/layers/mlp/{gate,up}_proj/kernel", ("layers", "embed", "mlp")),
-    ("**/layers/mlp/{gate,up}_proj/bias", ("layers", "mlp")),
-    ("**/layers/mlp/down_proj/kernel", ("layers", "mlp", "embed")),
-    ("**/layers/mlp/down_proj/bias", ("layers", "embed")),
-    ("**/layers/{input,post_attention}_layernorm/scale", ("layers", "norm")),
-    ("**/norm/scale", ("norm",)),
-    ("**/lm_head/kernel", ("embed", "vocab")),
-)
+#: Logical axis names of every leaf of :mod:`jlora.models.llama` (first matching glob wins;
+#: the Llama family record's ``axes``, :mod:`jlora._families`).
+LLAMA_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = _families.LLAMA.axes
 
 #: Logical axis names of every leaf of :mod:`jlora.models.bert` (first matching glob wins).
-BERT_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    ("**/embeddings/word_embeddings/embedding", ("vocab", "embed")),
-    ("**/embeddings/{position,token_type}_embeddings/embedding", (None, "embed")),
-    ("**/embeddings/LayerNorm/{scale,bias}", ("norm",)),
-    ("**/layers/attention/self/{query,key,value}/kernel", ("layers", "embed", "heads")),
-    ("**/layers/attention/self/{query,key,value}/bias", ("layers", "heads")),
-    ("**/layers/attention/output/dense/kernel", ("layers", "heads", "embed")),
-    ("**/layers/{attention/output,output}/dense/bias", ("layers", "embed")),
-    ("**/layers/intermediate/dense/kernel", ("layers", "embed", "mlp")),
-    ("**/layers/intermediate/dense/bias", ("layers", "mlp")),
-    ("**/layers/output/dense/kernel", ("layers", "mlp", "embed")),
-    ("**/layers/**/LayerNorm/{scale,bias}", ("layers", "norm")),
-    ("**/pooler/dense/kernel", ("embed", None)),
-    ("**/pooler/dense/bias", (None,)),
-    ("**/classifier/kernel", ("embed", None)),
-    ("**/classifier/bias", (None,)),
-)
-
-_MODEL_MARKERS = (("llama", "**/embed_tokens/embedding", LLAMA_AXES),
-                  ("bert", "**/embeddings/word_embeddings/embedding", BERT_AXES))
+BERT_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = _families.BERT.axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,10 +416,10 @@ def model_axes(tree: Any) -> tuple[tuple[str, tuple[str | None, ...]], ...]:
   """
   entries, _ = _entries(tree)
   paths = [p for p, _ in entries]
-  for _, marker, table in _MODEL_MARKERS:
-    regex = compile_pattern(marker)
+  for fam in _families.FAMILIES.values():
+    regex = compile_pattern(fam.marker)
     if any(regex.fullmatch(p) for p in paths):
-      return table
+      return fam.axes
   raise ShardingError(
       "cannot tell which model this tree belongs to (no 'embed_tokens/embedding' of "
       "jlora.models.llama, no 'embeddings/word_embeddings/embedding' of jlora.models.bert); "
@@ -682,10 +652,10 @@ def _logical_specs(entries, rules: ShardingRules, mesh: Mesh | None) -> list:
 
 def _model_axes_of_entries(entries):
   paths = [p for p, _ in entries]
-  for _, marker, table in _MODEL_MARKERS:
-    regex = compile_pattern(marker)
+  for fam in _families.FAMILIES.values():
+    regex = compile_pattern(fam.marker)
     if any(regex.fullmatch(p) for p in paths):
-      return table
+      return fam.axes
   return model_axes({p: None for p in paths})  # raises with the message
 
 

