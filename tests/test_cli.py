@@ -136,10 +136,9 @@ def test_ctrl_c_in_a_real_process_saves_and_exits_130(tiny):
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 130, out
   assert "checkpoint saved to" in out
-  ckpts = list((tiny["root"] / "sigint" / "checkpoints").glob("step_*/state.json"))
-  assert len(ckpts) == 1
-  state = json.loads(ckpts[0].read_text())
-  assert state["step"] >= 3
+  import jlora
+  with jlora.CheckpointManager(tiny["root"] / "sigint" / "checkpoints") as mgr:
+    assert len(mgr.all_steps()) == 1 and mgr.latest_step() >= 3
 
 
 @pytest.mark.slow
@@ -235,3 +234,24 @@ def test_compilation_cache_stores_compiled_programs(tmp_path):
       del os.environ["JLORA_COMPILATION_CACHE"]
     else:
       os.environ["JLORA_COMPILATION_CACHE"] = old
+
+
+def test_the_core_imports_nothing_of_the_models_extra():
+  """`import jlora` (transforms, optax masks, sharding, the train step, checkpoints, the model
+  registry) loads none of the jlora[models] extra; the commands that need it say how to get it."""
+  code = ("import sys, jlora, jlora.sharding, jlora.train_step, jlora.models, jlora.config\n"
+          "from jlora.cli import MODELS_EXTRA\n"
+          "print(sorted(m for m in MODELS_EXTRA if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       check=True).stdout
+  assert out.strip() == "[]"
+
+
+def test_a_missing_models_extra_is_an_error_naming_the_install(monkeypatch, capsys):
+  import importlib.util
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "datasets" else real(name, *a))
+  assert main(["train", "train.max_steps=1"]) == 2
+  err = capsys.readouterr().err
+  assert "datasets" in err and "pip install 'jlora[models]'" in err

@@ -138,7 +138,8 @@ def test_lora_learns_the_task_and_writes_the_run(tiny):
   assert [r["step"] for r in recs if r["split"] == "validation"] == [30, 60]
   assert res.metrics["test"]["accuracy"] >= 0.7  # 40 examples: P(>= 0.7 by chance) < 1%
   assert (out / "results.json").is_file() and (out / "config.yaml").is_file()
-  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000030", "step_00000060"]
+  with jlora.CheckpointManager(out / "checkpoints") as mgr:  # train.keep_last=2
+    assert mgr.all_steps() == [30, 60]
   # The saved adapter, evaluated by an independent path (predict -> numpy argmax ->
   # scikit-learn), gives the accuracy the loop reported.
   from sklearn.metrics import accuracy_score, roc_auc_score
@@ -312,7 +313,8 @@ def test_ctrl_c_saves_and_resume_equals_an_uninterrupted_run(tiny):
   before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup / a background shell job
   first = train(load_config(overrides=over + ["resume=false"]), log=_quiet, on_step=interrupt)
   assert first.interrupted and first.step == 8 and first.adapter_dir is None
-  assert (first.output_dir / "checkpoints" / "step_00000008" / "state.json").is_file()
+  with jlora.CheckpointManager(first.output_dir / "checkpoints") as mgr:
+    assert mgr.latest_step() == 8
   assert signal.getsignal(signal.SIGINT) is before  # the loop restores the caller's handler
   second = train(load_config(overrides=over), log=_quiet)
   assert not second.interrupted and second.step == 17
@@ -610,3 +612,90 @@ def test_causal_lm_on_a_quantised_base(tiny):
     train(load_config(overrides=_lm_overrides(tiny, "lm-gg", **{"model.quantize": "gguf"})), log=_quiet)
   with pytest.raises(ConfigError, match="model.quantize"):
     load_config(overrides=_lm_overrides(tiny, "lm-x", **{"model.quantize": "nf5"}))
+
+
+# --------------------------------------------------------------------------- #
+# Resume after SIGKILL, and the mesh
+# --------------------------------------------------------------------------- #
+
+_SLOW_TRAIN = """
+import sys, time
+from jlora.config import load_config
+from jlora.train import train
+# a slow step, so the parent can SIGKILL the process between (and during) checkpoint writes
+train(load_config(overrides=sys.argv[1:]), log=lambda *_: None,
+      on_step=lambda step, m: time.sleep(0.25))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_uninterrupted_runs_adapters(tiny):
+  """A process killed with SIGKILL mid-run resumes, from the CLI, to the same final adapters
+  (bit-identical); its checkpoints restore from Python to the reference run's state."""
+  import os
+  import subprocess
+  import sys
+  import time
+  from jlora.cli import main
+  common = {"train.max_steps": 30, "train.save_every": 3, "train.keep_last": 30,
+            "train.batch_size": 16, "method.dropout": 0.1}
+  ref = train(load_config(overrides=tiny_cls_overrides(
+      tiny["root"], tiny["bert"], "kill-ref", **common, resume=False)), log=_quiet)
+  over = tiny_cls_overrides(tiny["root"], tiny["bert"], "killed", **common, resume=False)
+  root = tiny["root"] / "killed" / "checkpoints"
+  proc = subprocess.Popen([sys.executable, "-c", _SLOW_TRAIN, *over],
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if root.is_dir() and len([p for p in root.iterdir() if p.name.isdigit()]) >= 3:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, proc.communicate()[0]  # still training when killed
+  proc.kill()  # SIGKILL: no handler runs, a checkpoint write may be cut short
+  proc.communicate(timeout=60)
+  base = _base_params(load_config(overrides=over))
+  with jlora.CheckpointManager(root) as mgr, \
+       jlora.CheckpointManager(ref.output_dir / "checkpoints") as ref_mgr:
+    killed_at = mgr.latest_step()
+    assert killed_at is not None and 6 <= killed_at < 30
+    got, want = mgr.restore(base), ref_mgr.restore(base, step=killed_at)
+    assert got.data_state == want.data_state
+    for x, y in zip(_arrays(jlora.split(got.tree)[0]), _arrays(jlora.split(want.tree)[0])):
+      np.testing.assert_array_equal(x, y)
+  # resume from the CLI (resume=true is the default)
+  assert main(["train", *[o for o in over if o != "resume=False"]]) == 0
+  a = load_adapters(ref.adapter_dir, base)
+  b = load_adapters(tiny["root"] / "killed" / "adapter", base)
+  for x, y in zip(_arrays(jlora.split(a)[0]), _arrays(jlora.split(b)[0])):
+    np.testing.assert_array_equal(x, y)
+  res = json.loads((tiny["root"] / "killed" / "results.json").read_text())
+  assert res["resumed_from"] == killed_at and res["steps"] == 30
+
+
+def test_cli_trains_on_8_devices_with_fsdp_as_on_one(tiny):
+  """`jlora train train.mesh=fsdp` on the 8 fake CPU devices: the base and the adapters are
+  sharded over the data axis, each batch split 8 ways; the adapters equal a 1-device run's."""
+  from jlora.cli import main
+  assert len(jax.devices()) == 8
+  outs = {}
+  for mesh in ("none", "fsdp"):
+    over = tiny_cls_overrides(tiny["root"], tiny["bert"], f"mesh-{mesh}", **{
+        "train.mesh": mesh, "train.max_steps": 3, "train.grad_accum": 2,
+        "train.batch_size": 16, "resume": False})
+    assert main(["train", *over]) == 0
+    res = json.loads((tiny["root"] / f"mesh-{mesh}" / "results.json").read_text())
+    outs[mesh] = (load_adapters(tiny["root"] / f"mesh-{mesh}" / "adapter",
+                                _base_params(load_config(overrides=over))), res)
+  assert outs["fsdp"][1]["mesh"] == {"preset": "fsdp", "shape": {"data": 8}}
+  assert outs["none"][1]["mesh"] is None
+  for x, y in zip(_arrays(jlora.split(outs["none"][0])[0]), _arrays(jlora.split(outs["fsdp"][0])[0])):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  assert outs["fsdp"][1]["metrics"]["test"]["accuracy"] == outs["none"][1]["metrics"]["test"]["accuracy"]
+
+
+def test_a_batch_the_mesh_cannot_split_is_a_config_error(tiny):
+  over = tiny_cls_overrides(tiny["root"], tiny["bert"], "mesh-bad", **{
+      "train.mesh": "fsdp", "train.batch_size": 12, "resume": False})
+  with pytest.raises(ConfigError, match="multiple of 8"):
+    train(load_config(overrides=over), log=_quiet)
