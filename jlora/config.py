@@ -184,7 +184,9 @@ class MethodConfig:
       ``bitfit`` (every bias).
     rank: LoRA rank r.
     alpha: LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with
-      rslora). 0 means alpha = r.
+      rslora). 0 (default) means alpha = r, a scale of 1: the default of
+      :class:`jlora.LoRA` (and PEFT's ``lora_alpha=8`` at its default r=8), so a
+      run and a library call with the same rank train the same update.
     dropout: LoRA dropout on the adapter input (see the notes in docs/cli.md).
     rslora: rank-stabilised scaling alpha / sqrt(r).
     init: LoRA / DoRA init: ``kaiming`` (PEFT's default), ``gaussian``, or
@@ -205,7 +207,7 @@ class MethodConfig:
 
   name: str = "lora"
   rank: int = 8
-  alpha: float = 16.0
+  alpha: float = 0.0
   dropout: float = 0.0
   rslora: bool = False
   init: str = "kaiming"
@@ -250,7 +252,7 @@ class TrainConfig:
   max_steps: int = 0
   batch_size: int = 32
   grad_accum: int = 1
-  lr: float = 2e-3
+  lr: float = 4e-3
   weight_decay: float = 0.0
   warmup_ratio: float = 0.06
   min_lr_ratio: float = 0.0
