@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parent
 #: method -> its own overrides (customary learning rates: LoRA and BitFit train few
 #: parameters and take large steps; full fine-tuning of a pretrained encoder a small one).
 METHODS = {
-    "lora": ["method.name=lora", "train.lr=1e-3"],
-    "dora": ["method.name=dora", "train.lr=1e-3"],
-    "pissa": ["method.name=lora", "method.init=pissa", "train.lr=1e-3"],
+    # alpha 16 at r=8 (scale 2), the CLI default when methods.md was measured
+    "lora": ["method.name=lora", "method.alpha=16", "train.lr=1e-3"],
+    "dora": ["method.name=dora", "method.alpha=16", "train.lr=1e-3"],
+    "pissa": ["method.name=lora", "method.init=pissa", "method.alpha=16", "train.lr=1e-3"],
     "ia3": ["method.name=ia3", "train.lr=3e-3"],
     "vera": ["method.name=vera", "method.rank=256", "train.lr=4e-3"],
     "full": ["method.name=full", "train.lr=1e-4"],
