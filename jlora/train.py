@@ -1180,10 +1180,14 @@ def _trim(batch: dict[str, np.ndarray], max_len: int) -> dict[str, np.ndarray]:
 
 
 def _train_batches(cfg: Config, feats: dict[str, np.ndarray], epoch: int, start: int,
-                   packed: bool = False) -> _BucketBatches:
-  bucket = cfg.data.bucket and cfg.data.task != "causal_lm" and not packed
-  return _BucketBatches(feats, cfg.train.batch_size, cfg.train.seed, epoch, start, bucket,
-                        cfg.data.max_length)
+                   packed: bool = False) -> Any:
+  """One epoch's shuffled batches from ``start``: ``jlora.data.batches``, or length-bucketed."""
+  if cfg.data.bucket and cfg.data.task != "causal_lm" and not packed:
+    return _BucketBatches(feats, cfg.train.batch_size, cfg.train.seed, epoch, start, True,
+                          cfg.data.max_length)
+  from jlora.data import batches  # noqa: PLC0415
+  return batches(feats, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, epoch=epoch,
+                 start=start)
 
 
 def _packs(cfg: Config, family: str) -> bool:
