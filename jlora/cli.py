@@ -91,7 +91,8 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
   second run of the same job loads its compiled steps from disk instead of
   compiling them again. The folder is ``directory``, else ``$JLORA_COMPILATION_CACHE``,
   else ``$JLORA_CACHE/xla`` (``~/.cache/jlora/xla``); ``JLORA_COMPILATION_CACHE=off``
-  turns it off (returns None). Programs that compile in under 0.2 s are not stored.
+  turns it off (returns None). Every program is stored, however quick to compile, so a
+  second run of the same job compiles nothing.
 
   Example:
     >>> from jlora.cli import enable_compilation_cache
@@ -107,7 +108,7 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
   if where.lower() in ("off", "0", "none", "false"):
     return None
   jax.config.update("jax_compilation_cache_dir", where)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return where
 

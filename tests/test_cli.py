@@ -255,3 +255,28 @@ def test_a_missing_models_extra_is_an_error_naming_the_install(monkeypatch, caps
   assert main(["train", "train.max_steps=1"]) == 2
   err = capsys.readouterr().err
   assert "datasets" in err and "pip install 'jlora[models]'" in err
+
+
+@pytest.mark.slow
+def test_a_second_run_of_the_same_job_compiles_nothing(tiny, tmp_path):
+  """`jlora train` twice (the console path: the persistent cache on): the first run compiles,
+  the second loads every one of its programs from the cache."""
+  over = tiny_cls_overrides(tiny["root"], tiny["bert"], "cache-run", **{"resume": False})
+  code = ("import sys, jax\n"
+          "jax.config.update('jax_log_compiles', True)\n"
+          "from jlora.cli import main\n"
+          "sys.argv = ['jlora', 'train', *sys.argv[1:]]\n"
+          "sys.exit(main())\n")  # argv=None: the console command, which turns the cache on
+  env = dict(os.environ, JLORA_COMPILATION_CACHE=str(tmp_path / "xla"))
+  logs = []
+  for _ in range(2):
+    proc = subprocess.run([sys.executable, "-c", code, *over], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs.append(proc.stderr)
+  # jax logs "Finished XLA compilation" for every program, loaded or compiled; a loaded one
+  # also logs a persistent cache hit
+  programs = [len(re.findall(r"Finished XLA compilation of", log)) for log in logs]
+  hits = [len(re.findall(r"Persistent compilation cache hit", log)) for log in logs]
+  assert programs[0] > 0 and hits[0] == 0, (programs, hits)
+  assert hits[1] == programs[1] == programs[0], (programs, hits)
