@@ -21,7 +21,8 @@ The chat set is generated once from the base model and cached next to the result
 (forgetting_chat_set.json, with the prompts, rendered prompts, reply text and token ids).
 Results go to experiments/results/forgetting.{json,md,png}; partial results are written
 after every stage, and a finished stage is not repeated (delete the json to start over;
-a json from a different setup is refused rather than mixed in).
+a json from a different setup is refused rather than mixed in). A hand-written
+forgetting_reading.md beside the json, if present, is copied into the md.
 
 Smoke test of the whole path on a temporary results path:
 
