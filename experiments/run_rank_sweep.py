@@ -54,7 +54,7 @@ N_RANDOM = 50
 
 
 def overrides(rank: int) -> list[str]:
-  return [f"method.targets={TARGETS}", f"method.rank={rank}", f"method.alpha={2 * rank}"]
+  return [f"method.targets={TARGETS}", f"method.rank={rank}", f"method.alpha={2 * rank}", "train.lr=2e-3"]  # the default job's lr when measured (now 4e-3 at alpha = r)
 
 
 def run_name(rank: int) -> str:

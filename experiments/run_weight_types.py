@@ -65,7 +65,7 @@ ENTRIES = [  # (label, modules, rank)
 
 def overrides(mods: list[str], rank: int) -> list[str]:
   return [f"method.targets={','.join(MODULES[m][0] for m in mods)}", f"method.rank={rank}",
-          f"method.alpha={2 * rank}"]
+          f"method.alpha={2 * rank}", "train.lr=2e-3"]  # the default job's lr when measured (now 4e-3 at alpha = r)
 
 
 def slug(label: str) -> str:
