@@ -17,10 +17,14 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
 from jlora.config import load_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _lora_runs import cfg_key  # noqa: E402  (the config fields that decide a result)
 from jlora.train import train
 
 ROOT = Path(__file__).resolve().parent
@@ -101,13 +105,6 @@ def row(name, cfg, trainable, total, metrics, steps, train_s, wall_s, cpu_s, sav
   }
 
 
-def cfg_key(cfg) -> dict:
-  import dataclasses
-  d = dataclasses.asdict(cfg)
-  d.pop("output_dir")
-  d["train"].pop("progress")
-  d["resume"] = None
-  return d
 
 
 _NOTE = (

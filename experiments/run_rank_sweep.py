@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _lora_runs import REPO, RUNS, machine, run_or_load, today  # noqa: E402
+from _lora_runs import RUNS, machine, run_or_load, today  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RANKS = (1, 2, 4, 8, 16, 64)

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _lora_runs import REPO, RUNS, cfg_key, machine, make_cfg, run_or_load, today  # noqa: E402
+from _lora_runs import RUNS, cfg_key, machine, make_cfg, run_or_load, today  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 H, I, L = 384, 1536, 6  # all-MiniLM-L6-v2: hidden, intermediate, layers
