@@ -274,7 +274,7 @@ def _prepare(cfg: Config) -> _Job:
   steps_per_epoch = n_train // tc.batch_size
   total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
   return _Job(family, feats, num_labels, data_info, n_train, steps_per_epoch, total_steps,
-              _load_model(cfg, family, num_labels))
+              _load_model(cfg, family, num_labels, tokenizer))
 
 
 def _make_mesh(cfg: Config):
@@ -887,11 +887,13 @@ def _load_tokenizer(name: str, family: str) -> Any:
     raise ModelError(f"could not load the tokenizer of {path}: {type(e).__name__}: {e}") from e
 
 
-def _load_model(cfg: Config, family: str, num_labels: int | None) -> _Model:
-  """The one place that knows the model families (switch to jlora.models.load when it lands)."""
+def _load_model(cfg: Config, family: str, num_labels: int | None, tokenizer: Any = None) -> _Model:
+  """The base model through ``jlora.models.load`` and its forward (``tokenizer``: one already
+  loaded for this model, else it is loaded here)."""
   _, path = _resolve_model_path(cfg.model.name)
   dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
-  tokenizer = _load_tokenizer(cfg.model.name, family)
+  if tokenizer is None:
+    tokenizer = _load_tokenizer(cfg.model.name, family)
   from jlora import models  # noqa: PLC0415
   if family == "bert":
     # the layers run unrolled: on XLA:CPU the scanned loop's per-layer weight slices and
@@ -942,7 +944,8 @@ def _load_llama_params(path, quantize: str):
   if quantize == "gguf" and Path(path).suffix.lower() != ".gguf":
     raise ConfigError(f"model.quantize=gguf keeps a GGUF file's blocks, but {path} is not a "
                       ".gguf file; use model.quantize=nf4 (or q4_1, int8, ...) to quantise it")
-  model, params, _ = models.load(path, dtype=jnp.float32, keep_quantized=quantize == "gguf")
+  model, params, _ = models.load(path, dtype=jnp.float32, keep_quantized=quantize == "gguf",
+                                 with_tokenizer=False)  # the trainer loads it once, itself
   config = model.config
   if quantize in ("none", "gguf"):
     return config, params

@@ -154,7 +154,8 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, task: str
     key: PRNG key for heads a checkpoint lacks (an encoder's classifier).
     keep_quantized: decoders from GGUF: keep the file's Q4_0 / Q4_1 / Q8_0 tensors quantised
       (:class:`jlora.QuantizedArray` leaves) instead of dequantising them, for QLoRA on the file.
-    **kwargs: passed to the family's loader (:func:`jlora.models.bert.load_bert`).
+    **kwargs: passed to the family's loader (:func:`jlora.models.bert.load_bert`);
+      ``with_tokenizer=False`` skips the tokenizer for either family (returned as ``None``).
 
   Returns:
     :class:`Loaded` ``(model, params, tokenizer)``; ``model.apply({"params": params},
@@ -177,7 +178,8 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, task: str
                        "(leave task out)")
     from jlora.models.llama_io import load_llama, load_llama_tokenizer
     config, params = load_llama(path, dtype=dtype, keep_quantized=keep_quantized)
-    tok = load_llama_tokenizer(path) if _has_tokenizer(path) else None
+    with_tok = kwargs.get("with_tokenizer", True)
+    tok = load_llama_tokenizer(path) if with_tok and _has_tokenizer(path) else None
     return Loaded(LlamaForCausalLM(config), params, tok)
   if keep_quantized:
     raise ModelError(f"{name_or_path} is an encoder; keep_quantized applies to GGUF decoders. "
