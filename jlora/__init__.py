@@ -30,6 +30,13 @@ from jlora._errors import SpecError as SpecError
 from jlora._errors import TreeError as TreeError
 from jlora._lora import lora as lora
 from jlora._methods.lora_init import LoraInitWeight as LoraInitWeight
+from jlora._methods.adalora import AdaLoRA as AdaLoRA
+from jlora._methods.adalora import AdaLoraWeight as AdaLoraWeight
+from jlora._methods.adalora import RankAllocatorState as RankAllocatorState
+from jlora._methods.adalora import apply_rank_pattern as apply_rank_pattern
+from jlora._methods.adalora import budget_schedule as budget_schedule
+from jlora._methods.adalora import orthogonal_penalty as orthogonal_penalty
+from jlora._methods.adalora import rank_allocator as rank_allocator
 from jlora._methods.dora import DoRA as DoRA
 from jlora._methods.dora import DoraWeight as DoraWeight
 from jlora._methods.ia3 import IA3 as IA3
@@ -88,6 +95,8 @@ from jlora.train_step import make_train_step as make_train_step
 __version__ = "0.1.0"
 
 __all__ = sorted([
+    "AdaLoRA", "AdaLoraWeight", "RankAllocatorState", "apply_rank_pattern", "budget_schedule",
+    "orthogonal_penalty", "rank_allocator",
     "Adapter", "AdapterSpec", "Axes", "AxesError", "CheckpointError", "CheckpointManager",
     "ConfigError", "DataError", "DoRA", "DoraWeight", "FetchError", "Full", "FullWeight", "IA3",
     "IA3Weight", "JloraError", "LoRA", "LoraInitWeight", "LoraWeight", "ModelError", "PeftMapping",

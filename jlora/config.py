@@ -57,7 +57,7 @@ MODEL_NAMES: dict[str, str] = {name: res for name, (res, _, _) in _families.pack
 
 _TASKS = ("classification", "causal_lm", "instruction")
 _SOURCES = ("sentiment", "files", "hub")
-_METHODS = ("lora", "dora", "ia3", "vera", "full", "bitfit")
+_METHODS = ("lora", "dora", "ia3", "vera", "adalora", "full", "bitfit")
 _DTYPES = ("float32", "bfloat16")
 _POOLING = ("mean", "cls")
 _QUANTIZE = ("none", "nf4", "fp4", "int8", "q4_0", "q4_1", "q8_0", "gguf")
@@ -180,9 +180,10 @@ class MethodConfig:
     name: ``lora`` (low-rank adapters on ``targets``), ``dora`` (LoRA with a
       learned magnitude, :class:`jlora.DoRA`), ``ia3`` (learned output / input
       scalings, :class:`jlora.IA3`), ``vera`` (shared random projections with
-      learned vectors, :class:`jlora.VeRA`), ``full`` (every parameter) or
-      ``bitfit`` (every bias).
-    rank: LoRA rank r.
+      learned vectors, :class:`jlora.VeRA`), ``adalora`` (SVD-form LoRA whose
+      rank budget is re-allocated during training, :class:`jlora.AdaLoRA`),
+      ``full`` (every parameter) or ``bitfit`` (every bias).
+    rank: LoRA rank r (AdaLoRA: the initial rank of every module, ``init_r``).
     alpha: LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with
       rslora). 0 (default) means alpha = r, a scale of 1: the default of
       :class:`jlora.LoRA` (and PEFT's ``lora_alpha=8`` at its default r=8), so a
@@ -200,6 +201,13 @@ class MethodConfig:
     feedforward: ``ia3`` only: the targets whose inputs are scaled (PEFT's
       ``feedforward_modules``). null (auto): ``output/dense`` for BERT,
       ``down_proj`` for Llama.
+    target_rank: ``adalora`` only: the average rank per module at the end
+      (``target_r``); 0 (default): two thirds of ``rank`` (PEFT's 12 -> 8).
+    tinit_ratio: ``adalora`` only: the share of the steps trained at the full
+      budget before pruning starts (``tinit``).
+    tfinal_ratio: ``adalora`` only: the share of the steps at the end trained
+      with the final rank pattern fixed (``tfinal``).
+    delta_t: ``adalora`` only: steps between re-allocations (``deltaT``).
     train_also: modules trained in full besides the method's own parameters
       (PEFT's ``modules_to_save``); any method. null (auto): the
       classification head (``classifier``) for classification, none otherwise.
@@ -213,6 +221,10 @@ class MethodConfig:
   init: str = "kaiming"
   targets: list[str] | None = None
   feedforward: list[str] | None = None
+  target_rank: int = 0
+  tinit_ratio: float = 0.1
+  tfinal_ratio: float = 0.2
+  delta_t: int = 10
   train_also: list[str] | None = None
 
 
@@ -511,6 +523,17 @@ def validate(cfg: Config) -> None:
   positive("method.alpha", me.alpha, zero=True)
   if not 0 <= me.dropout < 1:
     raise ConfigError(f"method.dropout must be in [0, 1), got {me.dropout}.")
+  positive("method.target_rank", me.target_rank, zero=True)
+  if me.target_rank > me.rank:
+    raise ConfigError(f"method.target_rank={me.target_rank} exceeds method.rank={me.rank}: AdaLoRA's "
+                      "budget only shrinks from rank to target_rank; lower target_rank or raise rank.")
+  positive("method.delta_t", me.delta_t)
+  for k in ("tinit_ratio", "tfinal_ratio"):
+    if not 0 <= getattr(me, k) < 1:
+      raise ConfigError(f"method.{k} must be in [0, 1), got {getattr(me, k)}.")
+  if me.tinit_ratio + me.tfinal_ratio >= 1:
+    raise ConfigError(f"method.tinit_ratio + method.tfinal_ratio = {me.tinit_ratio + me.tfinal_ratio:g} "
+                      "leaves AdaLoRA no steps to prune in; keep their sum below 1 (e.g. 0.1 and 0.2).")
   if me.name not in ("full", "bitfit") and me.targets is not None and not me.targets:
     raise ConfigError(f"method.targets is empty; {me.name} needs at least one module, e.g. query,value.")
   for k in ("epochs", "batch_size", "grad_accum", "lr", "eval_batch_size", "keep_last",

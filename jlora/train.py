@@ -173,7 +173,8 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
   t_start = time.perf_counter()
   job = _prepare(cfg)  # data first: every data error comes before any weights load
   out, tc = Path(cfg.output_dir), cfg.train
-  tree = jlora.wrap(job.model.params, build_rules(cfg, job.model.params, job.family),
+  tree = jlora.wrap(job.model.params, build_rules(cfg, job.model.params, job.family,
+                                                  total_steps=job.total_steps),
                     key=jax.random.key(tc.seed))
   summary = jlora.summary(tree)
   mesh = _make_mesh(cfg)
@@ -222,8 +223,14 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
     return TrainResult(out, None, step, job.total_steps, True, {}, summary.trainable,
                        summary.total, 0, train_seconds, time.perf_counter() - t_start)
   results = _final_eval(cfg, job, eval_fn, state.trainable, frozen, logger, step, log)
-  adapter_dir, adapter_bytes = _save_adapter(cfg, out, state.trainable, frozen, step,
-                                             job.num_labels)
+  trained = state.trainable
+  if cfg.method.name == "adalora":  # the final rank pattern into the specs (and the saved adapter)
+    trained, frozen = jlora.split(jlora.apply_rank_pattern(jlora.combine(trained, frozen),
+                                                           state.opt_state))
+    results["adalora"] = _rank_report(trained)
+    log(f"AdaLoRA: {results['adalora']['kept_ranks']} of {results['adalora']['initial_ranks']} ranks "
+        f"kept (target {results['adalora']['target_ranks']})")
+  adapter_dir, adapter_bytes = _save_adapter(cfg, out, trained, frozen, step, job.num_labels)
   wall = time.perf_counter() - t_start
   (out / "results.json").write_text(json.dumps({
       "method": cfg.method.name, "model": cfg.model.name, "task": cfg.data.task,
@@ -305,7 +312,7 @@ def _loss_fn(cfg: Config, model: _Model) -> Callable[..., tuple[jax.Array, jax.A
   """``loss(tree, batch, key) -> (summed loss, count)`` on the wrapped tree (the step's loss)."""
   task = cfg.data.task
   forward = jlora.lora(model.forward)
-  lora_dropout = cfg.method.name in ("lora", "dora", "vera") and cfg.method.dropout > 0
+  lora_dropout = cfg.method.name in ("lora", "dora", "vera", "adalora") and cfg.method.dropout > 0
 
   def loss(tree, batch, key):
     # the model's own dropout uses key; LoRA dropout on the low-rank path's input gets an
@@ -439,7 +446,22 @@ def _save_adapter(cfg, out, trainable, frozen, step, num_labels) -> tuple[Path, 
   return adapter_dir, _dir_bytes(adapter_dir)
 
 
-def build_rules(cfg: Config, params: Any, family: str) -> list[tuple[str, Any]]:
+def _rank_report(tree: Any) -> dict:
+  """AdaLoRA's final budget: kept / initial / target ranks, and the kept ranks per module."""
+  per = {}
+  for path, x in jlora.adapted_leaves(tree):
+    if isinstance(x, jlora.AdaLoraWeight):
+      rows = x.spec.rank_pattern or ((True,) * x.rank,) * max(int(np.prod(x.e.shape[:-1])), 1)
+      per[path] = [int(sum(r)) for r in rows]
+  leaves = [x for _, x in jlora.adapted_leaves(tree) if isinstance(x, jlora.AdaLoraWeight)]
+  return {"kept_ranks": sum(map(sum, per.values())),
+          "initial_ranks": sum(x.rank * len(per[p]) for p, x in zip(per, leaves)),
+          "target_ranks": sum(x.spec.target_r * len(per[p]) for p, x in zip(per, leaves)),
+          "per_module": per}
+
+
+def build_rules(cfg: Config, params: Any, family: str, *,
+                total_steps: int | None = None) -> list[tuple[str, Any]]:
   """The ``jlora.wrap`` rules for ``cfg.method`` on ``params``.
 
   ``lora`` / ``dora`` / ``vera`` / ``ia3``: that method's spec for every
@@ -453,6 +475,8 @@ def build_rules(cfg: Config, params: Any, family: str) -> list[tuple[str, Any]]:
     cfg: the job.
     params: the base params.
     family: ``"bert"`` or ``"llama"``.
+    total_steps: the run's optimizer steps (AdaLoRA's schedule needs them;
+      ``None``: an AdaLoRA spec without a schedule, for inference).
 
   Returns:
     A list of ``(pattern, spec)`` rules.
@@ -494,7 +518,7 @@ def build_rules(cfg: Config, params: Any, family: str) -> list[tuple[str, Any]]:
       for p in hit:
         stack = 1 if p.startswith("layers/") else None
         ff = any(_module_matches(f, p.rsplit("/", 1)[0]) for f in feedforward)
-        spec = _method_spec(me, stack, ff)
+        spec = _method_spec(me, stack, ff, total_steps)
         if p not in (r for r, _ in rules):
           rules.append((p, spec))
   elif me.name == "full":
@@ -956,12 +980,29 @@ def _load_llama_params(path, quantize: str):
 
 
 #: the ``method.name`` values that put an adapter on each target kernel
-ADAPTER_METHODS = ("lora", "dora", "ia3", "vera")
+ADAPTER_METHODS = ("lora", "dora", "ia3", "vera", "adalora")
 
 
-def _method_spec(me: Any, stack_axes: int | None, feedforward: bool) -> Any:
+def _method_spec(me: Any, stack_axes: int | None, feedforward: bool,
+                 total_steps: int | None = None) -> Any:
   """The spec of ``method.name`` for one target kernel."""
   alpha = me.alpha if me.alpha > 0 else None
+  if me.name == "adalora":
+    if me.init != "kaiming" or me.rslora:
+      raise ConfigError("method.init / method.rslora are LoRA options; AdaLoRA starts e at 0 and a, b "
+                        "at N(0, 0.02) and scales by alpha / rank: leave them at their defaults.")
+    target = me.target_rank or max(1, round(me.rank * 2 / 3))
+    sched = {}
+    if total_steps is not None:
+      tinit, tfinal = int(round(me.tinit_ratio * total_steps)), int(round(me.tfinal_ratio * total_steps))
+      if tinit >= total_steps - tfinal:
+        raise ConfigError(
+            f"AdaLoRA needs steps to prune in: {total_steps} steps with method.tinit_ratio="
+            f"{me.tinit_ratio:g} and method.tfinal_ratio={me.tfinal_ratio:g} leave none; train longer "
+            "or lower the ratios.")
+      sched = dict(tinit=tinit, tfinal=tfinal, deltaT=me.delta_t, total_step=total_steps)
+    return jlora.AdaLoRA(me.rank, target, alpha=alpha, dropout=me.dropout, stack_axes=stack_axes,
+                         **sched)
   if me.name == "ia3":
     return jlora.IA3(feedforward=feedforward, stack_axes=stack_axes)
   if me.name == "vera":
@@ -1306,7 +1347,9 @@ def _make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformati
     parts.append(optax.clip_by_global_norm(tc.clip_norm))
   parts.append(optax.adamw(schedule, b1=tc.adam_b1, b2=tc.adam_b2,
                            weight_decay=tc.weight_decay, mask=decay_mask))
-  return jlora.optimizer(optax.chain(*parts))
+  tx = jlora.optimizer(optax.chain(*parts))
+  # AdaLoRA: its regulariser and rank allocation run around the optimizer (state in opt_state)
+  return jlora.rank_allocator(tx) if cfg.method.name == "adalora" else tx
 
 
 def _schedule(cfg: Config, total_steps: int) -> Callable[[int], Any]:

@@ -293,6 +293,8 @@ def _run_child(script, directory, crash_at=None):
 
 def _collect(proc, lines, ready):
   for line in proc.stdout:
+    if not line.endswith("\n"):  # the child was SIGKILLed halfway through writing this line
+      break
     lines.append(line.split())
     if line.startswith("saving 3"):
       ready.set()

@@ -390,6 +390,29 @@ def test_protocol_methods_train_count_and_reload(tiny, method, init):
   assert moved and math.isfinite(res.metrics["test"]["loss"])
 
 
+def test_adalora_run_ends_at_the_target_budget_and_reloads(tiny):
+  """method=adalora: the allocator runs inside the step, the run ends at the target budget, the
+  saved adapter carries the rank pattern (masked ranks are zero and stay masked when reloaded)."""
+  cfg = load_config(overrides=tiny_cls_overrides(
+      tiny["root"], tiny["bert"], "adalora", **{"method.name": "adalora", "method.rank": 3,
+                                                "method.target_rank": 1, "method.delta_t": 1,
+                                                "resume": False, "train.max_steps": 10}))
+  res = train(cfg, log=_quiet)
+  rep = res.metrics["adalora"]
+  modules = 2 * 2  # query and value in 2 layers
+  assert (rep["initial_ranks"], rep["target_ranks"]) == (3 * modules, 1 * modules)
+  assert rep["kept_ranks"] <= rep["target_ranks"]
+  tree = load_adapters(res.adapter_dir, _base_params(cfg))
+  ada = {p: x for p, x in jlora.adapted_leaves(tree) if isinstance(x, jlora.AdaLoraWeight)}
+  assert len(ada) == 2
+  for p, x in ada.items():
+    keep = np.asarray(x.spec.rank_pattern, bool).reshape(x.e.shape)
+    assert [int(k.sum()) for k in keep] == rep["per_module"][p]
+    assert np.all(np.asarray(x.e)[~keep] == 0) and np.all(np.asarray(x.a).swapaxes(-1, -2)[~keep] == 0)
+    assert (x.spec.total_step, x.spec.tinit, x.spec.tfinal) == (10, 1, 2)
+  assert math.isfinite(res.metrics["test"]["loss"])
+
+
 def test_build_rules_picks_each_methods_spec_and_ia3_targets():
   params = {"layers": {m: {"kernel": jnp.zeros((2, 4, 4))} for m in ("q_proj", "k_proj", "v_proj", "down_proj")}}
   rules = dict(build_rules(load_config(overrides=["method.name=ia3", "method.train_also=[]"]), params, "llama"))

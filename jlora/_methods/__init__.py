@@ -13,3 +13,5 @@ from jlora._methods.vera import VeRA as VeRA
 from jlora._methods.vera import VeraWeight as VeraWeight
 from jlora._methods.stacked import StackedLoRA as StackedLoRA
 from jlora._methods.stacked import StackedLoraWeight as StackedLoraWeight
+from jlora._methods.adalora import AdaLoRA as AdaLoRA
+from jlora._methods.adalora import AdaLoraWeight as AdaLoraWeight
