@@ -386,8 +386,13 @@ def main() -> None:
   ap.add_argument("--no-subspace", action="store_true")
   ap.add_argument("--only-finished", action="store_true",
                   help="train nothing: report the ranks whose runs have finished")
+  ap.add_argument("--keep-saved", action="store_true",
+                  help="keep the rows (and the subspace analysis) of results/rank_sweep.json for "
+                       "the ranks not in --ranks, e.g. to add one rank to a finished sweep whose "
+                       "run folders are gone")
   args = ap.parse_args()
   ranks = [int(r) for r in args.ranks.split(",") if r]
+  saved = json.loads((ROOT / "results" / "rank_sweep.json").read_text()) if args.keep_saved else None
   rows, missing = [], []
   for r in ranks:
     row = run_or_load(run_name(r), overrides(r), train_missing=not args.only_finished)
@@ -396,11 +401,19 @@ def main() -> None:
       continue
     rows.append(row)
     print(json.dumps(row), flush=True)
+  if saved is not None:
+    rows += [dict(r, kept_from="results/rank_sweep.json") for r in saved["runs"]
+             if r["rank"] not in {x["rank"] for x in rows}]
+    rows.sort(key=lambda r: r["rank"])
+    missing = [r for r in missing if r not in {x["rank"] for x in rows}]
   ranks = [r["rank"] for r in rows]
   n_eval = {"validation": 1042, "test": 1013}
   sub = None
-  if not args.no_subspace and 8 in ranks and 64 in ranks:
+  if not args.no_subspace and 8 in ranks and 64 in ranks and (RUNS / run_name(8)).exists() and (
+      RUNS / run_name(64)).exists():
     sub = subspace_analysis(8, 64)
+  elif saved is not None:
+    sub = saved.get("subspace")
   write(rows, sub, n_eval, missing)
   print(f"wrote {ROOT / 'results' / 'rank_sweep.md'}")
 

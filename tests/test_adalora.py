@@ -13,7 +13,7 @@ import torch
 from safetensors.numpy import load_file
 from test_ia3 import _bert_fns, _torch_bert_base, bert, llama_fns  # noqa: F401 - module fixtures
 from test_peft_interop import (  # noqa: F401 - module-scoped fixtures: the tiny Llama
-    IDS, _max_diff, _merged_weights_match, _perturb_copies, _torch_bert, _torch_llama, _torch_logits,
+    _max_diff, _merged_weights_match, _perturb_copies, _torch_bert, _torch_llama, _torch_logits,
     llama,
 )
 

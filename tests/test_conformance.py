@@ -33,6 +33,7 @@ CASES = {
     "lora_init": lambda stacked: jlora.LoRA(2, alpha=4, init="pissa", stack_axes=1 if stacked else None),
     "ia3": lambda stacked: jlora.IA3(feedforward=stacked, stack_axes=1 if stacked else None),
     "vera": lambda stacked: jlora.VeRA(3, stack_axes=1 if stacked else None),
+    "adalora": lambda stacked: jlora.AdaLoRA(3, 2, total_step=10, stack_axes=1 if stacked else None),
 }
 
 
