@@ -100,6 +100,19 @@ def register_codec(codec: PeftCodec) -> PeftCodec:
   return codec
 
 
+def _is_prompt_only(tree: Any) -> bool:
+  from jlora._methods.prompt import PROMPT_KEY  # noqa: PLC0415 - the methods import this module
+
+  if not isinstance(tree, dict) or PROMPT_KEY not in tree:
+    return False
+  others = [p for p, _ in _adapted(tree) if not p.startswith(PROMPT_KEY + "/")]
+  if others:
+    raise SpecError(f"the tree trains a soft prompt and {others[:3]}; PEFT stores one method per "
+                    "adapter (prompt tuning holds the prompt alone): save the prompt and the other "
+                    "adapters as two adapters")
+  return True
+
+
 def _codec_for_tree(tree: Any) -> PeftCodec:
   kinds = {x.kind for _, x in _adapted(tree) if x.kind != "full"}
   if not kinds:
@@ -307,9 +320,14 @@ def save_peft(directory: str | os.PathLike, tree: Any, *, mapping: str | Mapping
                           "(atomically) or choose a new folder")
   files = []
   for name, one in parts:
-    m = _resolve_mapping(mapping, one)
-    config, tensors = _codec_for_tree(one).save(one, m)
-    config.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    if _is_prompt_only(one):  # prompt tuning: one tensor, no torch module names to map
+      config, tensors = PEFT_CODECS["PROMPT_TUNING"].save(one, None)
+    else:
+      m = _resolve_mapping(mapping, one)
+      config, tensors = _codec_for_tree(one).save(one, m)
+    config["base_model_name_or_path"] = base_model_name_or_path
+    if task_type is not None or "task_type" not in config:  # prompt tuning picks CAUSAL_LM itself
+      config["task_type"] = task_type
     sub = "" if name in (None, "default") else name
     files.append((sub, json.dumps(config, indent=2, sort_keys=True) + "\n", tensors))
 
@@ -371,6 +389,8 @@ def load_peft(directory: str | os.PathLike, params: Any, *,
   folder = _adapter_folder(directory, adapter_name)
   config = read_peft_config(folder)
   tensors = _read_tensors(folder)
+  if config["peft_type"] == "PROMPT_TUNING":  # one tensor, no torch module names to map
+    return PEFT_CODECS["PROMPT_TUNING"].load(config, tensors, params, None, str(folder / WEIGHTS_NAME))
   m = _resolve_mapping(mapping, params, torch_names=list(tensors))
   return PEFT_CODECS[config["peft_type"]].load(config, tensors, params, m, str(folder / WEIGHTS_NAME))
 

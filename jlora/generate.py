@@ -39,7 +39,8 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
   Args:
     params: the model's params: plain (LoRA adapters merged), or a wrapped tree, which runs
       through :func:`jlora.lora` (no merge); a tree from :func:`jlora.stack_adapters` needs
-      ``adapter_ids``.
+      ``adapter_ids``. A soft prompt (``params["prompt"]``, :func:`jlora.add_prompt`) is
+      written to the cache before every prompt, as PEFT's prompt tuning generates.
     config: the model's config.
     prompts: a list of token-id lists (lengths may differ), or a ``(B, T)`` array; with an
       array, ``attention_mask`` marks padding (left or right; real tokens are kept in order).
@@ -232,10 +233,13 @@ def _generate_jit(params, tokens, mask, key, temperature, top_k, top_p, is_eos, 
   forward = llama_forward_cached
   if lifted:  # a wrapped tree: low-rank contractions, each row routed to its adapter
     forward = functools.partial(lift(llama_forward_cached, strict=False), adapter_ids=adapter_ids)
-  cache = init_llama_cache(config, batch, width + steps, dtype)
+  prompted = isinstance(params, dict) and "prompt" in params  # a soft prompt (prompt tuning)
+  n = jax.tree.leaves(params["prompt"])[0].shape[0] if prompted else 0
+  cache = init_llama_cache(config, batch, n + width + steps, dtype)
   sample = functools.partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                              greedy=greedy)
-  logits, cache = forward(params, tokens, cache, config, attention_mask=mask)
+  kw = {"prefill_prompt": True} if prompted else {}
+  logits, cache = forward(params, tokens, cache, config, attention_mask=mask, **kw)
   key, sub = jax.random.split(key)
   first = sample(logits[:, -1], sub)
   out = jnp.full((batch, steps), pad_id, jnp.int32)

