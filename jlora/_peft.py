@@ -100,6 +100,52 @@ def register_codec(codec: PeftCodec) -> PeftCodec:
   return codec
 
 
+def _linear_kernels(tree: Any, m: PeftMapping, kind: str, label: str,
+                    leaf_cls: Any) -> tuple[dict[str, tuple[str, Any]], list[str]]:
+  """A method's leaves on torch Linear weights, ``{jlora module: (path, leaf)}``, and the modules
+  trained in full (``modules_to_save``), for a codec's ``save``.
+
+  Raises CheckpointError for a module the mapping does not name, SpecError for another adapter
+  kind, a non-``kernel`` leaf, a stacking that disagrees with the mapping, no kernel at all, or a
+  module both adapted and trained in full, TreeError for a leaf missing saved children.
+  """
+  kernels: dict[str, tuple[str, Any]] = {}
+  full_modules: list[str] = []
+  for path, node in _adapted(tree):
+    module, leaf = _split_path(path)
+    if module not in m.modules:
+      raise CheckpointError(
+          f"the mapping has no torch name for jlora module {module!r} (of adapted leaf {path!r}); "
+          f"add it: PeftMapping({{{module!r}: 'torch.module.name', ...}})")
+    if node.kind == "full":
+      if module not in full_modules:
+        full_modules.append(module)
+      continue
+    if node.kind != kind:
+      raise SpecError(f"{path!r} is a {type(node).__name__}; PEFT's {label} format holds {label} "
+                      "adapters and modules_to_save only")
+    missing = [n for n in leaf_cls.saved_children() if getattr(node, n) is None]
+    if missing:
+      raise TreeError(f"the {label} leaf at {path!r} lacks {missing}; pass the whole tree")
+    if m.leaves.get(leaf) != ("weight", True):
+      raise SpecError(f"{label} on {path!r}: jlora writes PEFT {label} for torch Linear weights "
+                      "('kernel' leaves) only; name the leaf in PeftMapping.leaves")
+    stacked = m.stacked(module)
+    if len(node.axes.stack) != (1 if stacked else 0):
+      raise SpecError(
+          f"{label} on {path!r} has {len(node.axes.stack)} stacked axes but the mapping names it "
+          f"{m.modules[module]!r} ({'one layer axis' if stacked else 'no layer axis'}); wrap it with "
+          f"stack_axes={1 if stacked else 'None'} or fix the mapping")
+    kernels[module] = (path, node)
+  if not kernels:
+    raise SpecError(f"PEFT's {label} format needs at least one {label} kernel (target_modules)")
+  clash = sorted(set(kernels) & set(full_modules))
+  if clash:
+    raise SpecError(f"module {clash[0]!r} is both {label}-adapted and trained in full; PEFT cannot "
+                    "save a module in target_modules and modules_to_save at once")
+  return kernels, full_modules
+
+
 def _is_prompt_only(tree: Any) -> bool:
   from jlora._methods.prompt import PROMPT_KEY  # noqa: PLC0415 - the methods import this module
 

@@ -720,38 +720,9 @@ def _load(config, tensors, params, m, where):
 
 def _save(tree, m):
   from jlora import _peft  # noqa: PLC0415
-  from jlora._errors import CheckpointError  # noqa: PLC0415
 
   tensors: dict[str, np.ndarray] = {}
-  kernels: dict[str, tuple[str, AdaLoraWeight]] = {}
-  full_modules: list[str] = []
-  for path, node in _peft._adapted(tree):
-    module, leaf = _peft._split_path(path)
-    if module not in m.modules:
-      raise CheckpointError(
-          f"the mapping has no torch name for jlora module {module!r} (of adapted leaf {path!r}); "
-          f"add it: PeftMapping({{{module!r}: 'torch.module.name', ...}})")
-    if node.kind == "full":
-      if module not in full_modules:
-        full_modules.append(module)
-      continue
-    if node.kind != "adalora":
-      raise SpecError(f"{path!r} is a {type(node).__name__}; PEFT's AdaLoRA format holds AdaLoRA "
-                      "factors and modules_to_save only")
-    missing = [n for n in AdaLoraWeight.saved_children() if getattr(node, n) is None]
-    if missing:
-      raise TreeError(f"the AdaLoRA leaf at {path!r} lacks {missing}; pass the whole tree")
-    if m.leaves.get(leaf) != ("weight", True):
-      raise SpecError(f"AdaLoRA on {path!r}: jlora writes PEFT AdaLoRA for torch Linear weights "
-                      "('kernel' leaves) only")
-    stacked = m.stacked(module)
-    if len(node.axes.stack) != (1 if stacked else 0):
-      raise SpecError(f"AdaLoRA on {path!r} has {len(node.axes.stack)} stacked axes but the mapping "
-                      f"names it {m.modules[module]!r}; wrap it with stack_axes="
-                      f"{1 if stacked else 'None'} or fix the mapping")
-    kernels[module] = (path, node)
-  if not kernels:
-    raise SpecError("PEFT's AdaLoRA format needs at least one AdaLoRA kernel (target_modules)")
+  kernels, full_modules = _peft._linear_kernels(tree, m, "adalora", "AdaLoRA", AdaLoraWeight)
   specs = {dataclasses.replace(n.spec, rank_pattern=None, stack_axes=None, dtype=None)
            for _, n in kernels.values()}
   if len(specs) > 1:
@@ -777,10 +748,6 @@ def _save(tree, m):
       tensors[f"{key}.lora_E"] = np.ascontiguousarray(ei[ki][:, None])
       if node.spec.rank_pattern is not None:
         rank_pattern[f"{name}.lora_E"] = [bool(x) for x in ki]
-  clash = sorted(set(kernels) & set(full_modules))
-  if clash:
-    raise SpecError(f"module {clash[0]!r} is both AdaLoRA-adapted and trained in full; PEFT cannot "
-                    "save a module in target_modules and modules_to_save at once")
   leaves_by_module = _peft._leaves_by_module(tree)
   _peft._full_tensors(full_modules, m, leaves_by_module, tensors)
   short = _peft._short_names(m, leaves_by_module)

@@ -32,7 +32,7 @@ import numpy as np
 
 from jlora import _peft
 from jlora._adapter import Adapter, AdapterSpec, Axes, acc_dtype, group_shapes, infer_axes, lowrank_delta, register
-from jlora._errors import AxesError, CheckpointError, SpecError, TreeError
+from jlora._errors import AxesError, CheckpointError, SpecError
 from jlora._lazy import Term, from_kernel
 from jlora._methods.ia3 import _leaf_named
 from jlora._methods.lora import adapter_dtype, check_float, is_array
@@ -344,36 +344,7 @@ def _scale_of(x: np.ndarray, ref: np.ndarray) -> float | None:
 
 def _save(tree, m):
   tensors: dict[str, np.ndarray] = {}
-  kernels: dict[str, tuple[str, VeraWeight]] = {}
-  full_modules: list[str] = []
-  for path, node in _peft._adapted(tree):
-    module, leaf = _peft._split_path(path)
-    if module not in m.modules:
-      raise CheckpointError(
-          f"the mapping has no torch name for jlora module {module!r} (of adapted leaf {path!r}); "
-          f"add it: PeftMapping({{{module!r}: 'torch.module.name', ...}})")
-    if node.kind == "full":
-      if module not in full_modules:
-        full_modules.append(module)
-      continue
-    if node.kind != "vera":
-      raise SpecError(f"{path!r} is a {type(node).__name__}; PEFT's VeRA format holds VeRA vectors "
-                      "and modules_to_save only")
-    missing = [n for n in VeraWeight.saved_children() if getattr(node, n) is None]
-    if missing:
-      raise TreeError(f"the VeRA leaf at {path!r} lacks {missing}; pass the whole tree")
-    if m.leaves.get(leaf) != ("weight", True):
-      raise SpecError(f"VeRA on {path!r}: jlora writes PEFT VeRA for torch Linear weights ('kernel' "
-                      "leaves) only; name the leaf in PeftMapping.leaves")
-    stacked = m.stacked(module)
-    if len(node.axes.stack) != (1 if stacked else 0):
-      raise SpecError(
-          f"VeRA on {path!r} has {len(node.axes.stack)} stacked axes but the mapping names it "
-          f"{m.modules[module]!r} ({'one layer axis' if stacked else 'no layer axis'}); wrap it with "
-          f"stack_axes={1 if stacked else 'None'} or fix the mapping")
-    kernels[module] = (path, node)
-  if not kernels:
-    raise SpecError("PEFT's VeRA format needs at least one VeRA kernel (target_modules)")
+  kernels, full_modules = _peft._linear_kernels(tree, m, "vera", "VeRA", VeraWeight)
   nodes = [n for _, n in kernels.values()]
   for field in ("rank", "dropout"):
     values = {getattr(n.spec, field) for n in nodes}
@@ -402,10 +373,6 @@ def _save(tree, m):
       tensors[f"{name}.vera_lambda_d"] = np.ascontiguousarray(d)
   tensors[_A] = np.ascontiguousarray(ref_a.T)
   tensors[_B] = np.ascontiguousarray(ref_b.T)
-  clash = sorted(set(kernels) & set(full_modules))
-  if clash:
-    raise SpecError(f"module {clash[0]!r} is both VeRA-adapted and trained in full; PEFT cannot "
-                    "save a module in target_modules and modules_to_save at once")
   leaves_by_module = _peft._leaves_by_module(tree)
   _peft._full_tensors(full_modules, m, leaves_by_module, tensors)
   short = _peft._short_names(m, leaves_by_module)
