@@ -42,11 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jlora._adapter import Adapter, AdapterSpec, acc_dtype, factor_layouts, factor_shapes, group_shapes
+from jlora._adapter import Adapter, AdapterSpec, factor_layouts, factor_shapes, group_shapes
 from jlora._adapter import infer_axes, lowrank_delta, register
 from jlora._errors import SpecError, TreeError
 from jlora._lazy import Term, from_kernel
-from jlora._methods.lora import adapter_dtype, check_float, is_array, leaf_key
+from jlora._methods.lora import LoraWeight, adapter_dtype, check_float, is_array, leaf_key
 
 __all__ = ["AdaLoRA", "AdaLoraWeight", "RankAllocatorState", "rank_allocator", "apply_rank_pattern",
            "orthogonal_penalty", "budget_schedule"]
@@ -243,15 +243,9 @@ class AdaLoraWeight(Adapter):
     la, lb = factor_layouts(self.axes)
     return {"a": la, "b": lb, "e": self.axes.stack + (None,)}
 
-  def merged(self):
-    self.require("merge")
-    w = jax.lax.stop_gradient(self.w)
-    acc = acc_dtype(w.dtype)
-    return (w.astype(acc) + self.delta().astype(acc)).astype(w.dtype)
-
-  def unmerged(self, merged):
-    acc = acc_dtype(merged.dtype)
-    return (merged.astype(acc) - self.delta().astype(acc)).astype(merged.dtype)
+  # W + delta() and its inverse, exactly as LoRA's (they read only w and delta())
+  merged = LoraWeight.merged
+  unmerged = LoraWeight.unmerged
 
   def lazy(self, path):
     return from_kernel(self.w, self.axes, [Term(self.scaled_a(), self.b, self.scale, self.spec.dropout)],
