@@ -40,6 +40,8 @@ from jlora._methods.adalora import rank_allocator as rank_allocator
 from jlora._methods.dora import DoRA as DoRA
 from jlora._methods.prompt import PromptTuning as PromptTuning
 from jlora._methods.prompt import add_prompt as add_prompt
+from jlora._methods.prompt import add_prefix as add_prefix
+from jlora._methods.prompt import PrefixTuning as PrefixTuning
 from jlora._methods.prompt import prepend_prompt as prepend_prompt
 from jlora._methods.dora import DoraWeight as DoraWeight
 from jlora._methods.ia3 import IA3 as IA3
@@ -100,6 +102,7 @@ __version__ = "0.1.0"
 __all__ = sorted([
     "AdaLoRA", "AdaLoraWeight", "RankAllocatorState", "apply_rank_pattern", "budget_schedule",
     "orthogonal_penalty", "rank_allocator", "PromptTuning", "add_prompt", "prepend_prompt",
+    "PrefixTuning", "add_prefix",
     "Adapter", "AdapterSpec", "Axes", "AxesError", "CheckpointError", "CheckpointManager",
     "ConfigError", "DataError", "DoRA", "DoraWeight", "FetchError", "Full", "FullWeight", "IA3",
     "IA3Weight", "JloraError", "LoRA", "LoraInitWeight", "LoraWeight", "ModelError", "PeftMapping",

@@ -146,17 +146,19 @@ def _linear_kernels(tree: Any, m: PeftMapping, kind: str, label: str,
   return kernels, full_modules
 
 
-def _is_prompt_only(tree: Any) -> bool:
-  from jlora._methods.prompt import PROMPT_KEY  # noqa: PLC0415 - the methods import this module
+def _is_prompt_only(tree: Any) -> str | None:
+  """``"PROMPT_TUNING"`` / ``"PREFIX_TUNING"`` for a tree that trains only a soft prompt / prefix."""
+  from jlora._methods.prompt import PREFIX_KEY, PROMPT_KEY  # noqa: PLC0415 - a cycle
 
-  if not isinstance(tree, dict) or PROMPT_KEY not in tree:
-    return False
-  others = [p for p, _ in _adapted(tree) if not p.startswith(PROMPT_KEY + "/")]
+  key = next((k for k in (PROMPT_KEY, PREFIX_KEY) if isinstance(tree, dict) and k in tree), None)
+  if key is None:
+    return None
+  others = [p for p, _ in _adapted(tree) if not p.startswith(key + "/")]
   if others:
-    raise SpecError(f"the tree trains a soft prompt and {others[:3]}; PEFT stores one method per "
-                    "adapter (prompt tuning holds the prompt alone): save the prompt and the other "
+    raise SpecError(f"the tree trains a soft {key} and {others[:3]}; PEFT stores one method per "
+                    f"adapter ({key} tuning holds the {key} alone): save the {key} and the other "
                     "adapters as two adapters")
-  return True
+  return "PROMPT_TUNING" if key == PROMPT_KEY else "PREFIX_TUNING"
 
 
 def _codec_for_tree(tree: Any) -> PeftCodec:
@@ -366,8 +368,9 @@ def save_peft(directory: str | os.PathLike, tree: Any, *, mapping: str | Mapping
                           "(atomically) or choose a new folder")
   files = []
   for name, one in parts:
-    if _is_prompt_only(one):  # prompt tuning: one tensor, no torch module names to map
-      config, tensors = PEFT_CODECS["PROMPT_TUNING"].save(one, None)
+    learned = _is_prompt_only(one)
+    if learned:  # prompt / prefix tuning: one tensor, no torch module names to map
+      config, tensors = PEFT_CODECS[learned].save(one, None)
     else:
       m = _resolve_mapping(mapping, one)
       config, tensors = _codec_for_tree(one).save(one, m)
@@ -435,8 +438,9 @@ def load_peft(directory: str | os.PathLike, params: Any, *,
   folder = _adapter_folder(directory, adapter_name)
   config = read_peft_config(folder)
   tensors = _read_tensors(folder)
-  if config["peft_type"] == "PROMPT_TUNING":  # one tensor, no torch module names to map
-    return PEFT_CODECS["PROMPT_TUNING"].load(config, tensors, params, None, str(folder / WEIGHTS_NAME))
+  if config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING"):  # one tensor, no module names
+    return PEFT_CODECS[config["peft_type"]].load(config, tensors, params, None,
+                                                 str(folder / WEIGHTS_NAME))
   m = _resolve_mapping(mapping, params, torch_names=list(tensors))
   return PEFT_CODECS[config["peft_type"]].load(config, tensors, params, m, str(folder / WEIGHTS_NAME))
 

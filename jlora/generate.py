@@ -39,8 +39,9 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
   Args:
     params: the model's params: plain (LoRA adapters merged), or a wrapped tree, which runs
       through :func:`jlora.lora` (no merge); a tree from :func:`jlora.stack_adapters` needs
-      ``adapter_ids``. A soft prompt (``params["prompt"]``, :func:`jlora.add_prompt`) is
-      written to the cache before every prompt, as PEFT's prompt tuning generates.
+      ``adapter_ids``. A soft prompt (``params["prompt"]``, :func:`jlora.add_prompt`) or a
+      prefix (``params["prefix"]``, :func:`jlora.add_prefix`) is written to the cache before
+      every prompt, as PEFT's prompt / prefix tuning generates.
     config: the model's config.
     prompts: a list of token-id lists (lengths may differ), or a ``(B, T)`` array; with an
       array, ``attention_mask`` marks padding (left or right; real tokens are kept in order).
@@ -233,8 +234,9 @@ def _generate_jit(params, tokens, mask, key, temperature, top_k, top_p, is_eos, 
   forward = llama_forward_cached
   if lifted:  # a wrapped tree: low-rank contractions, each row routed to its adapter
     forward = functools.partial(lift(llama_forward_cached, strict=False), adapter_ids=adapter_ids)
-  prompted = isinstance(params, dict) and "prompt" in params  # a soft prompt (prompt tuning)
-  n = jax.tree.leaves(params["prompt"])[0].shape[0] if prompted else 0
+  # a soft prompt (prompt tuning) or a prefix (prefix tuning): n more slots, written in the prefill
+  prompted = next((k for k in ("prompt", "prefix") if isinstance(params, dict) and k in params), None)
+  n = jax.tree.leaves(params[prompted])[0].shape[0] if prompted else 0
   cache = init_llama_cache(config, batch, n + width + steps, dtype)
   sample = functools.partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                              greedy=greedy)

@@ -31,21 +31,22 @@ def _peft_prompt_model(d, n=4, seed=3):
 
 
 def _peft_generate(pm, prompt, n):
-  """PEFT's greedy continuation of one unpadded prompt, without transformers' KV cache.
+  """Greedy decoding by PeftModel's forward: the whole sequence re-run for every new token.
 
-  With the cache (use_cache=True), PEFT 0.21's prompt-tuning generate on transformers 5 drifts
-  from its own model after the second new token: it drops the position ids transformers passes
-  ("Position ids are not supported ...", a warning) and its cached steps then disagree with a
-  full forward of the same sequence (measured on the tiny Llama: cached 20 18 58 60 33, its own
-  forward and use_cache=False 20 18 17 12 49). The reference is PEFT's uncached generate, which
-  equals greedy decoding by PeftModel's forward; jlora's cached generate is compared with it.
+  PEFT 0.21's own generate on transformers 5 does not decode what its model computes for prompt
+  and prefix tuning: it drops the position ids transformers passes ("Position ids are not
+  supported ...") and its tokens drift from its forward's argmax (tiny Llama, prompt tuning:
+  cached generate 20 18 58 60 33, forward 20 18 17 12 49, which use_cache=False also gives;
+  prefix tuning: cached 20 18 17 63 .., uncached 20 18 19 38 30 21 .., forward
+  20 18 19 38 30 19 ..). The reference is therefore the forward's greedy continuation, which
+  jlora's cached generate must reproduce.
   """
-  import warnings
-
-  with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Position ids are not supported", category=UserWarning)
-    return pm.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                       eos_token_id=None, pad_token_id=0, use_cache=False)[0, len(prompt):].tolist()
+  seq = list(prompt)
+  for _ in range(n):
+    with torch.no_grad():
+      logits = pm(input_ids=torch.tensor([seq])).logits[0, -1]
+    seq.append(int(torch.argmax(logits)))
+  return seq[len(prompt):]
 
 
 def _peft_logits(pm, ids, mask=None):
@@ -157,7 +158,7 @@ def test_bad_prompt_input_is_a_clear_error(llama, tmp_path):
   with pytest.raises(jlora.SpecError, match="positive integer"):
     jlora.PromptTuning(0)
   tree = jlora.add_prompt(params, jlora.PromptTuning(2), key=jax.random.key(0))
-  with pytest.raises(jlora.TreeError, match="already hold a soft prompt"):
+  with pytest.raises(jlora.TreeError, match="already hold a soft prompt or a prefix"):
     jlora.add_prompt(tree, jlora.PromptTuning(2), key=jax.random.key(0))
   both = jlora.add_prompt(jlora.wrap(params, {"layers/self_attn/q_proj/kernel": jlora.LoRA(2, stack_axes=1)},
                                      key=jax.random.key(0)), jlora.PromptTuning(2), key=jax.random.key(0))
@@ -172,7 +173,7 @@ def test_bad_prompt_input_is_a_clear_error(llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_prompt_logits_and_greedy_tokens_equal_peft(tmp_path):
+def test_real_smollm2_prompt_and_prefix_logits_and_greedy_tokens_equal_peft(tmp_path):
   import transformers
 
   from jlora._fetch import fetch
@@ -205,3 +206,80 @@ def test_real_smollm2_prompt_logits_and_greedy_tokens_equal_peft(tmp_path):
   for row, prompt in zip(ours, prompts):
     ref = _peft_generate(pm, prompt, 8)
     assert row.tolist() == ref
+  # prefix tuning on the same model
+  torch.manual_seed(1)
+  base = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  pm = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                         num_virtual_tokens=6)).eval()
+  with torch.no_grad():  # N(0, 1) keys/values swamp SmolLM2's attention; a milder prefix
+    for name, p in pm.named_parameters():
+      if "prompt_encoder" in name:
+        p.mul_(0.2)
+  pm.save_pretrained(tmp_path / "prefix")
+  tree = jlora.load_peft(tmp_path / "prefix", params)
+  want = _peft_logits(pm, ids)
+  got = np.asarray(jax.jit(jlora.lora(llama_forward), static_argnums=2)(tree, jnp.asarray(ids), config))
+  print(f"SmolLM2 prefix: jlora vs PEFT {_max_diff(got, want):.2e}; effect {_max_diff(want, base_want):.2f}")
+  assert _max_diff(want, base_want) > 0.1 and _max_diff(got, want) <= bound
+  ours = generate(tree, config, prompts, max_new_tokens=8, eos_token_ids=())
+  for row, prompt in zip(ours, prompts):
+    assert row.tolist() == _peft_generate(pm, prompt, 8)
+
+
+# ---------------------------------------------------------------------------------- prefix tuning
+
+
+@pytest.fixture(scope="module")
+def peft_prefix(llama, tmp_path_factory):
+  d, _, _ = llama
+  torch.manual_seed(4)
+  pm = peft.get_peft_model(_torch_llama(d), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                    num_virtual_tokens=5)).eval()
+  path = tmp_path_factory.mktemp("prefix") / "adapter"
+  pm.save_pretrained(path)
+  return path, pm
+
+
+def test_peft_made_prefix_imports_with_equal_logits_and_tokens(llama, peft_prefix):
+  d, config, params = llama
+  path, pm = peft_prefix
+  want = _peft_logits(pm, IDS)
+  assert want.shape == (2, IDS.shape[1], 64)  # PEFT's prefix adds no output positions
+  tree = jlora.load_peft(path, params)
+  emb = tree["prefix"]["embedding"].w
+  assert emb.shape == (5, 2, 2, 2, 8)  # N, layers, k/v, kv heads, head dim
+  np.testing.assert_array_equal(np.asarray(emb).reshape(5, -1),
+                                load_file(path / "adapter_model.safetensors")["prompt_embeddings"])
+  got = np.asarray(jax.jit(jlora.lora(llama_forward), static_argnums=2)(tree, jnp.asarray(IDS), config))
+  base = np.asarray(llama_forward(params, jnp.asarray(IDS), config))
+  print(f"\nprefix import: max |jlora - PeftModel| = {_max_diff(got, want):.2e}; effect "
+        f"{_max_diff(want, base):.2f}")
+  assert _max_diff(want, base) > 0.05 and _max_diff(got, want) <= TOL
+  prompts = [[1, 5, 9, 3], [1, 40, 2]]
+  ours = generate(tree, config, prompts, max_new_tokens=10, eos_token_ids=())
+  assert not np.array_equal(ours, generate(params, config, prompts, max_new_tokens=10,
+                                           eos_token_ids=()))
+  for row, prompt in zip(ours, prompts):
+    assert row.tolist() == _peft_generate(pm, prompt, 10)
+
+
+def test_jlora_prefix_saves_and_loads_in_peft(llama, tmp_path):
+  d, config, params = llama
+  tree = jlora.add_prefix(params, jlora.PrefixTuning(3), key=jax.random.key(2), config=config)
+  out = jlora.save_peft(tmp_path / "adapter", tree)
+  cfg = jlora.read_peft_config(out)
+  assert (cfg["peft_type"], cfg["num_virtual_tokens"], cfg["token_dim"], cfg["num_attention_heads"],
+          cfg["num_layers"]) == ("PREFIX_TUNING", 3, 16, 2, 2)
+  pm = peft.PeftModel.from_pretrained(_torch_llama(d), out).eval()
+  want = _peft_logits(pm, IDS)
+  got = np.asarray(llama_forward(jlora.merge(tree), jnp.asarray(IDS), config))
+  print(f"\nprefix export: max |PeftModel - jlora| = {_max_diff(got, want):.2e}")
+  assert _max_diff(got, want) <= TOL
+  back = jlora.load_peft(out, params)
+  np.testing.assert_array_equal(back["prefix"]["embedding"].w, tree["prefix"]["embedding"].w)
+  with pytest.raises(jlora.TreeError, match="already hold a soft prompt or a prefix"):
+    jlora.add_prompt(tree, jlora.PromptTuning(2), key=jax.random.key(0))
+  from jlora.models.llama import init_llama_cache, llama_forward_cached
+  with pytest.raises(jlora.TreeError, match="do not fit a cache"):
+    llama_forward_cached(jlora.merge(tree), jnp.ones((1, 2), jnp.int32), init_llama_cache(config, 1, 4),
+                         config, prefill_prompt=True)

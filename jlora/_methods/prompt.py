@@ -33,10 +33,13 @@ import numpy as np
 from jlora._errors import CheckpointError, SpecError, TreeError
 from jlora._methods.lora import FullWeight
 
-__all__ = ["PromptTuning", "add_prompt", "prepend_prompt", "PROMPT_KEY"]
+__all__ = ["PromptTuning", "PrefixTuning", "add_prompt", "add_prefix", "prepend_prompt", "PROMPT_KEY",
+           "PREFIX_KEY"]
 
 #: the params entry that holds the soft prompt: ``params[PROMPT_KEY]["embedding"]``
 PROMPT_KEY = "prompt"
+#: the params entry that holds a prefix: ``params[PREFIX_KEY]["embedding"]`` ``(N, L, 2, K, hd)``
+PREFIX_KEY = "prefix"
 _INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 #: where each shipped family keeps its token embeddings
 _EMBEDDINGS = (("embed_tokens", "embedding"), ("embeddings", "word_embeddings", "embedding"))
@@ -134,8 +137,8 @@ def add_prompt(params: Any, spec: PromptTuning, *, key: jax.Array,
     raise SpecError(f"add_prompt takes a jlora.PromptTuning, got {type(spec).__name__}")
   if not isinstance(params, dict):
     raise TreeError("add_prompt needs a dict params tree (the model's params)")
-  if PROMPT_KEY in params:
-    raise TreeError("the params already hold a soft prompt (params['prompt']); remove it first")
+  if PROMPT_KEY in params or PREFIX_KEY in params:
+    raise TreeError("the params already hold a soft prompt or a prefix; remove it first")
   _, table = _embedding_table(params, embedding_path)
   table = table.w if isinstance(table, FullWeight) else getattr(table, "w", table)
   vocab, dim = table.shape
@@ -152,6 +155,69 @@ def add_prompt(params: Any, spec: PromptTuning, *, key: jax.Array,
       ids = jnp.asarray((text * math.ceil(n / len(text)))[:n])
     emb = jnp.take(jnp.asarray(table), ids, axis=0).astype(jnp.float32)
   return {**params, PROMPT_KEY: {"embedding": FullWeight(emb)}}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTuning:
+  """The spec of a prefix (PEFT's ``PrefixTuningConfig`` without ``prefix_projection``).
+
+  ``N`` trained keys and values per layer, which every token attends to as if
+  they were ``N`` earlier tokens (Li & Liang, 2021). Initialised ``N(0, 1)``
+  (torch's ``nn.Embedding``, as PEFT).
+
+  Attributes:
+    num_virtual_tokens: ``N``.
+
+  Example:
+    >>> import jlora
+    >>> jlora.PrefixTuning(10).num_virtual_tokens
+    10
+  """
+
+  num_virtual_tokens: int
+
+  def __post_init__(self):
+    n = self.num_virtual_tokens
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+      raise SpecError(f"PrefixTuning num_virtual_tokens must be a positive integer, got {n!r}")
+    object.__setattr__(self, "num_virtual_tokens", int(n))
+
+
+def add_prefix(params: Any, spec: PrefixTuning, *, key: jax.Array, config: Any) -> Any:
+  """A copy of ``params`` with a trainable prefix at ``params["prefix"]["embedding"]``.
+
+  The prefix is a :class:`jlora.FullWeight` of shape ``(N, L, 2, K, hd)``:
+  per layer ``N`` keys and ``N`` values for every key/value head (see
+  :mod:`jlora.models.llama`), read by :func:`jlora.models.llama.llama_forward`
+  and written to the KV cache by :func:`jlora.generate.generate`. ``params``
+  is not modified.
+
+  Args:
+    params: a Llama params tree (plain or wrapped).
+    spec: a :class:`PrefixTuning`.
+    key: PRNG key of the ``N(0, 1)`` init.
+    config: the model's :class:`jlora.models.llama.LlamaConfig` (layers, kv heads, head size).
+
+  Raises:
+    TreeError: not a Llama params tree, or it already holds a prompt / prefix.
+
+  Example:
+    >>> import jax, jlora
+    >>> from jlora.models.llama import LlamaConfig, init_llama
+    >>> cfg = LlamaConfig(64, 32, 64, 2, 4, 2)
+    >>> params = init_llama(cfg, jax.random.key(0))
+    >>> jlora.add_prefix(params, jlora.PrefixTuning(3), key=jax.random.key(1), config=cfg)["prefix"]["embedding"].w.shape
+    (3, 2, 2, 2, 8)
+  """
+  if not isinstance(spec, PrefixTuning):
+    raise SpecError(f"add_prefix takes a jlora.PrefixTuning, got {type(spec).__name__}")
+  if not isinstance(params, dict) or "layers" not in params or "embed_tokens" not in params:
+    raise TreeError("add_prefix: the params are not a Llama tree (no 'layers' / 'embed_tokens'); "
+                    "prefix tuning needs the shipped decoder, whose KV cache path takes the prefix")
+  if PREFIX_KEY in params or PROMPT_KEY in params:
+    raise TreeError("the params already hold a soft prompt or a prefix; remove it first")
+  shape = (spec.num_virtual_tokens, config.num_layers, 2, config.num_kv_heads, config.head_dim)
+  return {**params, PREFIX_KEY: {"embedding": FullWeight(jax.random.normal(key, shape, jnp.float32))}}
 
 
 def prepend_prompt(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -255,12 +321,81 @@ def save_prompt(tree: Any) -> tuple[dict, dict]:
   return config, {"prompt_embeddings": np.ascontiguousarray(emb.astype(np.float32))}
 
 
+def _validate_prefix(config: dict, f: str) -> None:
+  missing = [k for k in ("num_virtual_tokens", "token_dim", "num_layers") if k not in config]
+  if missing:
+    raise CheckpointError(f"{f} lacks the required field(s) {missing}; re-save the adapter with PEFT")
+  subs = config.get("num_transformer_submodules", 1)
+  if subs not in (1, None):
+    raise CheckpointError(f"{f}: num_transformer_submodules={subs} (an encoder-decoder's prefix); "
+                          "jlora reads prefix tuning for decoders (1)")
+
+
+def load_prefix(config: dict, tensors: dict, params: Any, where: str) -> Any:
+  """PEFT's prefix ``prompt_embeddings`` ``(N, L*2*token_dim)`` as ``params["prefix"]``.
+
+  ``token_dim`` is ``K * hd`` and ``num_attention_heads`` is ``K`` (the kv
+  heads). A file written with ``prefix_projection=True`` holds the projected
+  prefix (PEFT saves the projection's output), so it loads as a plain prefix.
+  """
+  _validate_prefix(config, where)
+  if set(tensors) != {"prompt_embeddings"}:
+    raise CheckpointError(f"{where} holds {sorted(tensors)[:4]}; PEFT's prefix tuning holds exactly "
+                          "'prompt_embeddings'")
+  emb = np.asarray(tensors["prompt_embeddings"])
+  n, layers, width = config["num_virtual_tokens"], config["num_layers"], config["token_dim"]
+  heads = config.get("num_attention_heads")
+  if not isinstance(heads, int) or heads <= 0 or width % heads:
+    raise CheckpointError(f"{where}: num_attention_heads={heads!r} does not divide token_dim={width}")
+  if emb.shape != (n, layers * 2 * width):
+    raise CheckpointError(f"{where}: prompt_embeddings has shape {emb.shape}, the config says "
+                          f"({n}, {layers} * 2 * {width})")
+  try:
+    k = params["layers"]["self_attn"]["k_proj"]["kernel"]
+    have = (int(k.shape[0]), int(k.shape[-1]))
+  except (KeyError, TypeError):
+    raise CheckpointError(f"{where}: prefix tuning needs a Llama params tree (layers/self_attn/"
+                          "k_proj)") from None
+  if have != (layers, width):
+    raise CheckpointError(f"{where}: the prefix is for {layers} layers of {width} key/value features; "
+                          f"the model has {have[0]} of {have[1]}; is the adapter for this model?")
+  if PREFIX_KEY in params or PROMPT_KEY in params:
+    raise CheckpointError(f"{where}: the params already hold a soft prompt or prefix")
+  emb = emb.reshape(n, layers, 2, heads, width // heads)
+  return {**params, PREFIX_KEY: {"embedding": FullWeight(jnp.asarray(emb, jnp.float32))}}
+
+
+def save_prefix(tree: Any) -> tuple[dict, dict]:
+  x = tree[PREFIX_KEY]["embedding"]
+  emb = np.asarray(jax.device_get(getattr(x, "w", x)))
+  if emb.ndim != 5 or emb.shape[2] != 2:
+    raise SpecError(f"the prefix has shape {emb.shape}; it must be (N, L, 2, K, hd) (jlora.add_prefix)")
+  n, layers, _, heads, hd = emb.shape
+  config = {
+      "peft_type": "PREFIX_TUNING",
+      "task_type": "CAUSAL_LM",
+      "num_virtual_tokens": int(n),
+      "token_dim": int(heads * hd),
+      "num_layers": int(layers),
+      "num_attention_heads": int(heads),
+      "num_transformer_submodules": 1,
+      "prefix_projection": False,
+      "encoder_hidden_size": int(heads * hd),
+      "inference_mode": True,
+      "modules_to_save": None,
+  }
+  return config, {"prompt_embeddings": np.ascontiguousarray(emb.reshape(n, -1).astype(np.float32))}
+
+
 def _register_codec() -> None:
   from jlora import _peft  # noqa: PLC0415
 
   _peft.register_codec(_peft.PeftCodec(
       "PROMPT_TUNING", (), _validate, lambda config, tensors, params, m, where: load_prompt(
           config, tensors, params, where), lambda tree, m: save_prompt(tree)))
+  _peft.register_codec(_peft.PeftCodec(
+      "PREFIX_TUNING", (), _validate_prefix, lambda config, tensors, params, m, where: load_prefix(
+          config, tensors, params, where), lambda tree, m: save_prefix(tree)))
 
 
 _register_codec()

@@ -21,7 +21,8 @@ size ``hd``, ``F`` MLP width, ``V`` vocabulary); kernels are ``(in, out)`` like
              "down_proj": {"kernel": (L, F, D)}}},
    "norm": {"scale": (D,)},
    "lm_head": {"kernel": (D, V)},          # absent when embeddings are tied
-   "prompt": {"embedding": (N, D)}}        # optional: a soft prompt (prompt tuning)
+   "prompt": {"embedding": (N, D)},        # optional: a soft prompt (prompt tuning)
+   "prefix": {"embedding": (N, L, 2, K, hd)}}  # optional: per-layer keys/values (prefix tuning)
 
 A ``"prompt"`` entry (:func:`jlora.add_prompt`, PEFT's prompt tuning) is the
 model's soft-prompt input: ``N`` embeddings placed before every row's tokens
@@ -30,6 +31,12 @@ model's soft-prompt input: ``N`` embeddings placed before every row's tokens
 returns the logits of the real tokens only (the ``N`` virtual positions are
 sliced off); :func:`llama_forward_cached` writes them to the cache when called
 with ``prefill_prompt=True`` (generation's prefill).
+
+A ``"prefix"`` entry (:func:`jlora.add_prefix`, PEFT's prefix tuning) holds
+``N`` keys and values per layer: layer ``l``'s keys are ``embedding[:, l, 0]``
+and its values ``embedding[:, l, 1]`` (PEFT's flat ``(N, L*2*K*hd)`` reshaped),
+used as they are (no RoPE: they are past keys, as PEFT passes them) in ``N``
+always-attended slots before the tokens, whose positions then start at ``N``.
 
 Module names follow Hugging Face's, so PEFT-style target names (``q_proj``,
 ``v_proj``, ...) mean the same here.
@@ -355,6 +362,9 @@ def llama_forward(params: dict, tokens: jax.Array, config: LlamaConfig, *,
   """
   tokens = _check_tokens(tokens, config)
   batch, length = tokens.shape
+  pkv = _prefix_of(params, config)
+  if pkv is not None:
+    return _forward_with_prefix(params, tokens, config, pkv, attention_mask, positions, remat)
   prefix = _prompt_of(params, config)
   n = 0 if prefix is None else prefix.shape[0]
   mask = _mask_or_ones(attention_mask, tokens.shape)
@@ -413,9 +423,11 @@ def llama_forward_cached(params: dict, tokens: jax.Array, cache: dict, config: L
   tokens = _check_tokens(tokens, config)
   batch, length = tokens.shape
   prefix = _prompt_of(params, config) if prefill_prompt else None
-  if prefill_prompt and prefix is None:
-    raise TreeError("prefill_prompt=True but params has no 'prompt' entry (jlora.add_prompt)")
-  n = 0 if prefix is None else prefix.shape[0]
+  pkv = _prefix_of(params, config) if prefill_prompt else None
+  if prefill_prompt and prefix is None and pkv is None:
+    raise TreeError("prefill_prompt=True but params has no 'prompt' or 'prefix' entry "
+                    "(jlora.add_prompt / jlora.add_prefix)")
+  n = prefix.shape[0] if prefix is not None else (pkv.shape[2] if pkv is not None else 0)
   if cache["k"].shape[1] != batch:
     raise TreeError(f"cache holds {cache['k'].shape[1]} rows but tokens has {batch}")
   if n + length > cache["k"].shape[2]:
@@ -427,11 +439,15 @@ def llama_forward_cached(params: dict, tokens: jax.Array, cache: dict, config: L
   positions = _positions_from_mask(mask, cache["pos"])
   index = cache["index"]
   key_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
-  q_slots = index + jnp.arange(n + length, dtype=jnp.int32)
+  if pkv is not None:  # the prefix fills n cache slots; only the tokens are queries
+    positions = positions[:, n:]
+    q_slots = index + n + jnp.arange(length, dtype=jnp.int32)
+  else:
+    q_slots = index + jnp.arange(n + length, dtype=jnp.int32)
   logits, (ks, vs) = _decoder(params, tokens, config, positions=positions, key_mask=key_mask,
                               q_slots=q_slots, cache=(cache["k"], cache["v"], index), remat=False,
-                              positions_bound=cache["k"].shape[2], prefix=prefix)
-  logits = logits[:, n:] if n else logits
+                              positions_bound=cache["k"].shape[2], prefix=prefix, prefix_kv=pkv)
+  logits = logits[:, n:] if prefix is not None else logits
   length = n + length
   new_cache = {
       "k": ks,
@@ -630,8 +646,42 @@ def _decoder(params, tokens, config: LlamaConfig, **kwargs):
   if isinstance(layers, (list, tuple)) and len(layers) != config.num_layers:
     raise TreeError(f"params['layers'] is a list of {len(layers)} layers but the config has "
                     f"num_layers={config.num_layers}")
-  params = {k: v for k, v in params.items() if k != "prompt"}  # the prompt comes as prefix=
+  # the soft prompt / prefix come as prefix= / prefix_kv=
+  params = {k: v for k, v in params.items() if k not in ("prompt", "prefix")}
   return _decoder_jit(params, tokens, config=config, **kwargs)
+
+
+def _prefix_of(params, config: LlamaConfig):
+  """The prefix's keys/values ``(L, 2, N, K, hd)`` from ``params["prefix"]["embedding"]``, or None."""
+  if not isinstance(params, dict) or "prefix" not in params:
+    return None
+  if "prompt" in params:
+    raise TreeError("params hold both a soft prompt and a prefix; use one of them")
+  p = params["prefix"]
+  emb = p.get("embedding") if isinstance(p, dict) else None
+  want = (config.num_layers, 2, config.num_kv_heads, config.head_dim)
+  if emb is None or jnp.ndim(emb) != 5 or tuple(jnp.shape(emb)[1:]) != want:
+    raise TreeError(f"params['prefix'] must be {{'embedding': (N, {', '.join(map(str, want))})}} "
+                    "(N keys and values per layer and kv head: a prefix, jlora.add_prefix), got "
+                    f"{jax.tree.map(jnp.shape, p)}")
+  return jnp.transpose(emb, (1, 2, 0, 3, 4))
+
+
+def _forward_with_prefix(params, tokens, config, pkv, attention_mask, positions, remat):
+  batch, length = tokens.shape
+  n = pkv.shape[2]
+  mask = jnp.concatenate([jnp.ones((batch, n), bool), _mask_or_ones(attention_mask, tokens.shape)],
+                         axis=1)
+  if positions is None:  # the tokens' positions start at n (PEFT: the prefix is n past tokens)
+    positions = _positions_from_mask(mask, jnp.zeros((batch,), jnp.int32))[:, n:]
+  else:
+    if jnp.shape(positions) != tokens.shape:
+      raise TreeError(f"positions has shape {jnp.shape(positions)}, expected {tokens.shape}")
+    positions = jnp.asarray(positions, jnp.int32) + n  # as PEFT offsets position_ids
+  q_slots = n + jnp.arange(length, dtype=jnp.int32)
+  logits, _ = _decoder(params, tokens, config, positions=positions, key_mask=mask, q_slots=q_slots,
+                       cache=None, remat=remat, positions_bound=None, prefix_kv=pkv)
+  return logits
 
 
 def _prompt_of(params, config: LlamaConfig):
@@ -648,7 +698,7 @@ def _prompt_of(params, config: LlamaConfig):
 
 @functools.partial(jax.jit, static_argnames=("config", "remat", "positions_bound"))
 def _decoder_jit(params, tokens, *, config: LlamaConfig, positions, key_mask, q_slots, cache,
-                 remat, positions_bound=None, prefix=None):
+                 remat, positions_bound=None, prefix=None, prefix_kv=None):
   embedding = params["embed_tokens"]["embedding"]
   dtype = embedding.dtype
   h = jnp.take(embedding, tokens, axis=0)
@@ -656,13 +706,14 @@ def _decoder_jit(params, tokens, *, config: LlamaConfig, positions, key_mask, q_
     p = jnp.broadcast_to(prefix.astype(dtype)[None], (h.shape[0],) + prefix.shape)
     h = jnp.concatenate([p, h], axis=1)
   batch, length = h.shape[:2]
-  num_slots = length if cache is None else cache[0].shape[2]
+  n_kv = 0 if prefix_kv is None else prefix_kv.shape[2]
+  num_slots = n_kv + length if cache is None else cache[0].shape[2]
   cos, sin = _rope_tables(positions, config, length, positions_bound)
   allowed = _attention_allowed(key_mask, q_slots, num_slots, config)
   hd, nh, nkv = config.head_dim, config.num_heads, config.num_kv_heads
 
   def layer(h, xs):
-    lp, cache_k, cache_v = xs
+    lp, cache_k, cache_v, pkv = xs
     attn_p = lp["self_attn"]
     x = _rms_norm(h, lp["input_layernorm"]["scale"], config.rms_norm_eps)
     q = _dense(x, attn_p["q_proj"]).reshape(batch, length, nh, hd)
@@ -670,6 +721,9 @@ def _decoder_jit(params, tokens, *, config: LlamaConfig, positions, key_mask, q_
     v = _dense(x, attn_p["v_proj"]).reshape(batch, length, nkv, hd)
     q = _apply_rope(q, cos, sin)
     k = _apply_rope(k, cos, sin)
+    if pkv is not None:  # prefix tuning: n past keys/values before the tokens', as they are
+      k = jnp.concatenate([jnp.broadcast_to(pkv[0][None], (batch,) + pkv.shape[1:]).astype(k.dtype), k], 1)
+      v = jnp.concatenate([jnp.broadcast_to(pkv[1][None], (batch,) + pkv.shape[1:]).astype(v.dtype), v], 1)
     if cache_k is not None:
       cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
       cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
@@ -695,12 +749,13 @@ def _decoder_jit(params, tokens, *, config: LlamaConfig, positions, key_mask, q_
     ks, vs = [], []
     for i, lp in enumerate(layers):
       h, (k_i, v_i) = layer(h, (lp, None if cache is None else cache_k[i],
-                                None if cache is None else cache_v[i]))
+                                None if cache is None else cache_v[i],
+                                None if prefix_kv is None else prefix_kv[i]))
       ks.append(k_i)
       vs.append(v_i)
     new_kv = (None, None) if cache is None else (jnp.stack(ks), jnp.stack(vs))
   else:
-    h, new_kv = jax.lax.scan(layer, h, (layers, cache_k, cache_v))
+    h, new_kv = jax.lax.scan(layer, h, (layers, cache_k, cache_v, prefix_kv))
   h = _rms_norm(h, params["norm"]["scale"], config.rms_norm_eps)
   if config.tie_word_embeddings:
     logits = jnp.einsum("btd,vd->btv", h, embedding)
