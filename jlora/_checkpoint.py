@@ -155,6 +155,7 @@ def load_adapters(path: str | os.PathLike, params: Any, *, check_base: bool = Tr
   manifest = read_adapter_manifest(root)
   arrays_dir = safe_child(root, ARRAYS, what="adapter arrays")
   layout = {e["key"]: e["arrays"] for e in manifest["entries"]}
+  params = _with_learned_inputs(manifest["entries"], params)  # a saved soft prompt / prefix
   plan = plan_restore(manifest["entries"], params, where=str(root))
   if check_base:
     check_fingerprint(manifest.get("fingerprint"), params, where=str(root))
@@ -658,12 +659,32 @@ def _adapted(tree: Any) -> list[tuple[str, Any]]:
   return [(path_str(kp), x) for kp, x in flat if is_adapted(x)]
 
 
+#: params entries that jlora.add_prompt / add_prefix create: trained inputs, not base weights
+_LEARNED_INPUTS = ("prompt", "prefix")
+
+
+def _with_learned_inputs(entries: list[dict], params: Any) -> Any:
+  """``params`` plus a placeholder for a saved soft prompt / prefix the plain base lacks."""
+  if not isinstance(params, dict):
+    return params
+  add = {}
+  for e in entries:
+    top, _, rest = e["path"].partition("/")
+    if top in _LEARNED_INPUTS and rest == "embedding" and top not in params and e.get("kind") == "full":
+      info = e.get("arrays", {}).get("w", {})
+      add[top] = {"embedding": np.zeros(tuple(info.get("shape", ())), _parse_dtype(
+          info.get("dtype", "float32"), e["path"]))}
+  return {**params, **add} if add else params
+
+
 def _base_leaves(tree: Any) -> list[tuple[str, Any, bool]]:
   """(path, base array, trained?) for every array leaf of plain params or a wrapped tree."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_whole)
   out = []
   for kp, x in flat:
     p = path_str(kp)
+    if p.split("/", 1)[0] in _LEARNED_INPUTS:  # a soft prompt / prefix is never part of the base
+      continue
     if is_adapted(x):
       out.append((p, x.w, "w" in x.trainable))
     elif hasattr(x, "shape") and hasattr(x, "dtype"):

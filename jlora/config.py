@@ -57,7 +57,7 @@ MODEL_NAMES: dict[str, str] = {name: res for name, (res, _, _) in _families.pack
 
 _TASKS = ("classification", "causal_lm", "instruction")
 _SOURCES = ("sentiment", "files", "hub")
-_METHODS = ("lora", "dora", "ia3", "vera", "adalora", "full", "bitfit")
+_METHODS = ("lora", "dora", "ia3", "vera", "adalora", "prompt", "prefix", "full", "bitfit")
 _DTYPES = ("float32", "bfloat16")
 _POOLING = ("mean", "cls")
 _QUANTIZE = ("none", "nf4", "fp4", "int8", "q4_0", "q4_1", "q8_0", "gguf")
@@ -182,7 +182,9 @@ class MethodConfig:
       scalings, :class:`jlora.IA3`), ``vera`` (shared random projections with
       learned vectors, :class:`jlora.VeRA`), ``adalora`` (SVD-form LoRA whose
       rank budget is re-allocated during training, :class:`jlora.AdaLoRA`),
-      ``full`` (every parameter) or ``bitfit`` (every bias).
+      ``prompt`` / ``prefix`` (a trained soft prompt / per-layer prefix of
+      ``num_virtual_tokens``, Llama-family models only, :func:`jlora.add_prompt` /
+      :func:`jlora.add_prefix`), ``full`` (every parameter) or ``bitfit`` (every bias).
     rank: LoRA rank r (AdaLoRA: the initial rank of every module, ``init_r``).
     alpha: LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with
       rslora). 0 (default) means alpha = r, a scale of 1: the default of
@@ -208,6 +210,7 @@ class MethodConfig:
     tfinal_ratio: ``adalora`` only: the share of the steps at the end trained
       with the final rank pattern fixed (``tfinal``).
     delta_t: ``adalora`` only: steps between re-allocations (``deltaT``).
+    num_virtual_tokens: ``prompt`` / ``prefix`` only: the soft prompt's / prefix's length.
     train_also: modules trained in full besides the method's own parameters
       (PEFT's ``modules_to_save``); any method. null (auto): the
       classification head (``classifier``) for classification, none otherwise.
@@ -225,6 +228,7 @@ class MethodConfig:
   tinit_ratio: float = 0.1
   tfinal_ratio: float = 0.2
   delta_t: int = 10
+  num_virtual_tokens: int = 20
   train_also: list[str] | None = None
 
 
@@ -528,6 +532,7 @@ def validate(cfg: Config) -> None:
     raise ConfigError(f"method.target_rank={me.target_rank} exceeds method.rank={me.rank}: AdaLoRA's "
                       "budget only shrinks from rank to target_rank; lower target_rank or raise rank.")
   positive("method.delta_t", me.delta_t)
+  positive("method.num_virtual_tokens", me.num_virtual_tokens)
   for k in ("tinit_ratio", "tfinal_ratio"):
     if not 0 <= getattr(me, k) < 1:
       raise ConfigError(f"method.{k} must be in [0, 1), got {getattr(me, k)}.")

@@ -176,6 +176,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
   tree = jlora.wrap(job.model.params, build_rules(cfg, job.model.params, job.family,
                                                   total_steps=job.total_steps),
                     key=jax.random.key(tc.seed))
+  tree = _add_learned_input(cfg, tree, job)
   summary = jlora.summary(tree)
   mesh = _make_mesh(cfg)
   step_fn = make_train_step(_loss_fn(cfg, job.model), _make_optimizer(cfg, job.total_steps),
@@ -446,6 +447,17 @@ def _save_adapter(cfg, out, trainable, frozen, step, num_labels) -> tuple[Path, 
   return adapter_dir, _dir_bytes(adapter_dir)
 
 
+def _add_learned_input(cfg: Config, tree: Any, job: _Job) -> Any:
+  """``method=prompt|prefix``: the soft prompt / prefix put in the (wrapped) tree."""
+  me, key = cfg.method, jax.random.fold_in(jax.random.key(cfg.train.seed), 0x50)
+  if me.name == "prompt":
+    return jlora.add_prompt(tree, jlora.PromptTuning(me.num_virtual_tokens), key=key)
+  if me.name == "prefix":
+    return jlora.add_prefix(tree, jlora.PrefixTuning(me.num_virtual_tokens), key=key,
+                            config=job.model.handle)
+  return tree
+
+
 def _rank_report(tree: Any) -> dict:
   """AdaLoRA's final budget: kept / initial / target ranks, and the kept ranks per module."""
   per = {}
@@ -521,6 +533,11 @@ def build_rules(cfg: Config, params: Any, family: str, *,
         spec = _method_spec(me, stack, ff, total_steps)
         if p not in (r for r, _ in rules):
           rules.append((p, spec))
+  elif me.name in ("prompt", "prefix"):  # no kernel rules: train() adds the prompt / prefix
+    if family != "llama":
+      raise ConfigError(f"method.name={me.name} needs a Llama-family model (the shipped decoder's "
+                        f"soft-prompt / prefix input); {cfg.model.name} is {family}: use lora, "
+                        "dora, ia3, vera, adalora, full or bitfit.")
   elif me.name == "full":
     rules += [(p, jlora.Full()) for p in paths
               if p not in also_paths and jnp.issubdtype(leaves[p].dtype, jnp.floating)]
@@ -749,6 +766,10 @@ def merge_run(run: Run, out_dir: str | os.PathLike, *, overwrite: bool = False) 
   """
   out = Path(out_dir)
   merged = jlora.merge(run.tree)
+  if isinstance(merged, dict) and ({"prompt", "prefix"} & set(merged)):
+    raise ConfigError("a soft prompt / prefix is an input, not a weight: it cannot be merged into "
+                      "the model. Use the run as it is (jlora eval / generate), or export it with "
+                      "jlora.save_peft for PEFT.")
   merged = jax.tree.map(np.asarray, merged)
   if run.family == "bert":
     from jlora.models.bert import save_bert_hf  # noqa: PLC0415

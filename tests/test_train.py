@@ -587,6 +587,32 @@ def test_causal_lm_lowers_perplexity_and_merges(tiny):
   assert isinstance(texts[0]["output"], str)
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_prompt_and_prefix_runs_lower_perplexity_and_reload(tiny, method):
+  """method=prompt|prefix: only the soft prompt / prefix trains; the run reloads for eval and
+  generation (the saved adapter holds it), refuses merging, and is an error on BERT."""
+  cfg = load_config(overrides=_lm_overrides(tiny, f"lm-{method}", **{
+      "method.name": method, "method.num_virtual_tokens": 4, "method.train_also": "[]",
+      "train.lr": 5e-2}))
+  base = evaluate_run(load_run(cfg=cfg, base=True), "test")
+  res = train(cfg, log=_quiet)
+  key = "prompt" if method == "prompt" else "prefix"
+  assert res.metrics["test"]["perplexity"] < base["perplexity"]
+  run = load_run(res.output_dir)
+  trained = [p for p, _ in jlora.adapted_leaves(run.tree)]
+  assert trained == [f"{key}/embedding"]
+  width = 32 if method == "prompt" else 2 * 2 * run.model.num_kv_heads * run.model.head_dim
+  assert res.trainable_params == 4 * width
+  assert evaluate_run(run, "test")["perplexity"] == pytest.approx(res.metrics["test"]["perplexity"],
+                                                                  rel=1e-5)
+  assert isinstance(predict(run, ["the movie"], max_new_tokens=3, chat=False)[0]["output"], str)
+  with pytest.raises(jlora.ConfigError, match="cannot be merged"):
+    merge_run(run, tiny["root"] / f"lm-{method}-merged", overwrite=True)
+  with pytest.raises(jlora.ConfigError, match="needs a Llama-family model"):
+    train(load_config(overrides=tiny_cls_overrides(tiny["root"], tiny["bert"], f"bad-{method}",
+                                                   **{"method.name": method})), log=_quiet)
+
+
 def test_grad_accum_with_token_weighting_on_lm(tiny):
   """Token-mean loss over unevenly padded micro-batches: accumulation equals one big batch."""
   outs = []
