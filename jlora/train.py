@@ -460,16 +460,15 @@ def _add_learned_input(cfg: Config, tree: Any, job: _Job) -> Any:
 
 def _rank_report(tree: Any) -> dict:
   """AdaLoRA's final budget: kept / initial / target ranks, and the kept ranks per module."""
-  per = {}
+  per, initial, target = {}, 0, 0
   for path, x in jlora.adapted_leaves(tree):
     if isinstance(x, jlora.AdaLoraWeight):
       rows = x.spec.rank_pattern or ((True,) * x.rank,) * max(int(np.prod(x.e.shape[:-1])), 1)
       per[path] = [int(sum(r)) for r in rows]
-  leaves = [x for _, x in jlora.adapted_leaves(tree) if isinstance(x, jlora.AdaLoraWeight)]
-  return {"kept_ranks": sum(map(sum, per.values())),
-          "initial_ranks": sum(x.rank * len(per[p]) for p, x in zip(per, leaves)),
-          "target_ranks": sum(x.spec.target_r * len(per[p]) for p, x in zip(per, leaves)),
-          "per_module": per}
+      initial += x.rank * len(rows)
+      target += x.spec.target_r * len(rows)
+  return {"kept_ranks": sum(map(sum, per.values())), "initial_ranks": initial,
+          "target_ranks": target, "per_module": per}
 
 
 def build_rules(cfg: Config, params: Any, family: str, *,

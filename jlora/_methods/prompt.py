@@ -251,11 +251,11 @@ def prepend_prompt(fn: Callable[..., Any]) -> Callable[..., Any]:
   return g
 
 
-def prompt_of(tree: Any):
-  """The tree's soft prompt as a host array, or None."""
-  if not isinstance(tree, dict) or PROMPT_KEY not in tree:
+def prompt_of(tree: Any, key: str = PROMPT_KEY):
+  """The tree's soft prompt (``key=PREFIX_KEY``: prefix) as a host array, or None."""
+  if not isinstance(tree, dict) or key not in tree:
     return None
-  x = tree[PROMPT_KEY].get("embedding") if isinstance(tree[PROMPT_KEY], dict) else None
+  x = tree[key].get("embedding") if isinstance(tree[key], dict) else None
   if x is None:
     return None
   return np.asarray(jax.device_get(getattr(x, "w", x)))
@@ -264,23 +264,33 @@ def prompt_of(tree: Any):
 # -- PEFT's format -----------------------------------------------------------------------------
 
 
-def _validate(config: dict, f: str) -> None:
-  missing = [k for k in ("num_virtual_tokens", "token_dim") if k not in config]
+def _check_learned(config: dict, f: str, what: str, required: tuple[str, ...], reads: str) -> None:
+  """The checks PEFT's prompt and prefix configs share: required fields, one transformer stack."""
+  missing = [k for k in required if k not in config]
   if missing:
     raise CheckpointError(f"{f} lacks the required field(s) {missing}; re-save the adapter with PEFT")
   subs = config.get("num_transformer_submodules", 1)
   if subs not in (1, None):
-    raise CheckpointError(f"{f}: num_transformer_submodules={subs} (an encoder-decoder's prompt); "
-                          "jlora reads prompt tuning for decoders and encoders (1)")
+    raise CheckpointError(f"{f}: num_transformer_submodules={subs} (an encoder-decoder's {what}); "
+                          f"jlora reads {what} tuning for {reads} (1)")
+
+
+def _the_embeddings(tensors: dict, where: str, what: str) -> np.ndarray:
+  """The one tensor a PEFT prompt / prefix file holds."""
+  if set(tensors) != {"prompt_embeddings"}:
+    raise CheckpointError(f"{where} holds {sorted(tensors)[:4]}; PEFT's {what} tuning holds exactly "
+                          "'prompt_embeddings'")
+  return np.asarray(tensors["prompt_embeddings"])
+
+
+def _validate(config: dict, f: str) -> None:
+  _check_learned(config, f, "prompt", ("num_virtual_tokens", "token_dim"), "decoders and encoders")
 
 
 def load_prompt(config: dict, tensors: dict, params: Any, where: str) -> Any:
   """PEFT's ``prompt_embeddings`` as ``params["prompt"]`` (a :class:`jlora.FullWeight`)."""
   _validate(config, where)
-  if set(tensors) != {"prompt_embeddings"}:
-    raise CheckpointError(f"{where} holds {sorted(tensors)[:4]}; PEFT's prompt tuning holds exactly "
-                          "'prompt_embeddings'")
-  emb = np.asarray(tensors["prompt_embeddings"])
+  emb = _the_embeddings(tensors, where, "prompt")
   n, d = config["num_virtual_tokens"], config["token_dim"]
   if emb.shape != (n, d):
     raise CheckpointError(f"{where}: prompt_embeddings has shape {emb.shape}, the config says "
@@ -322,13 +332,7 @@ def save_prompt(tree: Any) -> tuple[dict, dict]:
 
 
 def _validate_prefix(config: dict, f: str) -> None:
-  missing = [k for k in ("num_virtual_tokens", "token_dim", "num_layers") if k not in config]
-  if missing:
-    raise CheckpointError(f"{f} lacks the required field(s) {missing}; re-save the adapter with PEFT")
-  subs = config.get("num_transformer_submodules", 1)
-  if subs not in (1, None):
-    raise CheckpointError(f"{f}: num_transformer_submodules={subs} (an encoder-decoder's prefix); "
-                          "jlora reads prefix tuning for decoders (1)")
+  _check_learned(config, f, "prefix", ("num_virtual_tokens", "token_dim", "num_layers"), "decoders")
 
 
 def load_prefix(config: dict, tensors: dict, params: Any, where: str) -> Any:
@@ -339,10 +343,7 @@ def load_prefix(config: dict, tensors: dict, params: Any, where: str) -> Any:
   prefix (PEFT saves the projection's output), so it loads as a plain prefix.
   """
   _validate_prefix(config, where)
-  if set(tensors) != {"prompt_embeddings"}:
-    raise CheckpointError(f"{where} holds {sorted(tensors)[:4]}; PEFT's prefix tuning holds exactly "
-                          "'prompt_embeddings'")
-  emb = np.asarray(tensors["prompt_embeddings"])
+  emb = _the_embeddings(tensors, where, "prefix")
   n, layers, width = config["num_virtual_tokens"], config["num_layers"], config["token_dim"]
   heads = config.get("num_attention_heads")
   if not isinstance(heads, int) or heads <= 0 or width % heads:
@@ -366,10 +367,10 @@ def load_prefix(config: dict, tensors: dict, params: Any, where: str) -> Any:
 
 
 def save_prefix(tree: Any) -> tuple[dict, dict]:
-  x = tree[PREFIX_KEY]["embedding"]
-  emb = np.asarray(jax.device_get(getattr(x, "w", x)))
-  if emb.ndim != 5 or emb.shape[2] != 2:
-    raise SpecError(f"the prefix has shape {emb.shape}; it must be (N, L, 2, K, hd) (jlora.add_prefix)")
+  emb = prompt_of(tree, PREFIX_KEY)
+  if emb is None or emb.ndim != 5 or emb.shape[2] != 2:
+    raise SpecError(f"the prefix has shape {None if emb is None else emb.shape}; it must be "
+                    "(N, L, 2, K, hd) (jlora.add_prefix)")
   n, layers, _, heads, hd = emb.shape
   config = {
       "peft_type": "PREFIX_TUNING",
