@@ -38,6 +38,10 @@ from jlora._methods.adalora import budget_schedule as budget_schedule
 from jlora._methods.adalora import orthogonal_penalty as orthogonal_penalty
 from jlora._methods.adalora import rank_allocator as rank_allocator
 from jlora._methods.dora import DoRA as DoRA
+from jlora._methods.bottleneck import Bottleneck as Bottleneck
+from jlora._methods.bottleneck import BottleneckWeight as BottleneckWeight
+from jlora._methods.bottleneck import adapter_rules as adapter_rules
+from jlora._methods.bottleneck import from_adapterhub as from_adapterhub
 from jlora._methods.prompt import PromptTuning as PromptTuning
 from jlora._methods.prompt import add_prompt as add_prompt
 from jlora._methods.prompt import add_prefix as add_prefix
@@ -102,7 +106,7 @@ __version__ = "0.1.0"
 __all__ = sorted([
     "AdaLoRA", "AdaLoraWeight", "RankAllocatorState", "apply_rank_pattern", "budget_schedule",
     "orthogonal_penalty", "rank_allocator", "PromptTuning", "add_prompt", "prepend_prompt",
-    "PrefixTuning", "add_prefix",
+    "PrefixTuning", "add_prefix", "Bottleneck", "BottleneckWeight", "adapter_rules", "from_adapterhub",
     "Adapter", "AdapterSpec", "Axes", "AxesError", "CheckpointError", "CheckpointManager",
     "ConfigError", "DataError", "DoRA", "DoraWeight", "FetchError", "Full", "FullWeight", "IA3",
     "IA3Weight", "JloraError", "LoRA", "LoraInitWeight", "LoraWeight", "ModelError", "PeftMapping",

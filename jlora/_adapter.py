@@ -136,6 +136,9 @@ class Adapter:
   # True for leaves holding several adapters (jlora.stack_adapters): ``lazy(path, ids)`` routes
   # each example to its own adapter.
   routed: ClassVar[bool] = False
+  # False for leaves that are not a change of the weight (a bottleneck adapter on the layer's
+  # output): ``merged()`` raises, and callers that would merge run ``jlora.lora(fn)`` instead.
+  mergeable: ClassVar[bool] = True
 
   def __init__(self, *, spec: Any, axes: Axes | None, shape: tuple[int, ...] | None = None, **children):
     names = self.children()

@@ -39,6 +39,9 @@ class Family:
     lora_targets: the default LoRA / DoRA / VeRA target modules (PEFT's defaults).
     ia3_targets: PEFT's default IA3 targets.
     feedforward: the feed-forward modules among them (IA3 scales their input).
+    adapter_targets: the bottleneck adapters' modules per placement
+      (``houlsby``: attention output and feed-forward output; ``pfeiffer``:
+      feed-forward output), as AdapterHub places them.
     preset: the sharding preset that suits it on many devices.
 
   Example:
@@ -59,6 +62,7 @@ class Family:
   lora_targets: tuple[str, ...]
   ia3_targets: tuple[str, ...]
   feedforward: tuple[str, ...]
+  adapter_targets: dict[str, tuple[str, ...]]
   preset: str
 
 
@@ -111,6 +115,8 @@ LLAMA = Family(
     lora_targets=("q_proj", "v_proj"),
     ia3_targets=("k_proj", "v_proj", "down_proj"),
     feedforward=("down_proj",),
+    adapter_targets={"houlsby": ("layers/self_attn/o_proj", "layers/mlp/down_proj"),
+                     "pfeiffer": ("layers/mlp/down_proj",)},
     preset="fsdp",
 )
 
@@ -143,6 +149,8 @@ BERT = Family(
     lora_targets=("query", "value"),
     ia3_targets=("key", "value", "output/dense"),
     feedforward=("output/dense",),
+    adapter_targets={"houlsby": ("layers/attention/output/dense", "layers/output/dense"),
+                     "pfeiffer": ("layers/output/dense",)},
     preset="dp",
 )
 

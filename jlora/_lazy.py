@@ -18,6 +18,13 @@ left ones: every ``a`` and ``u``), ``"R"`` (the right ones: every ``b`` and
 ``R``/``S`` axes and then its rank axis. ``u`` and ``v`` are left / right
 tensors of rank 1. Shape-only operations act on every tensor of a side alike,
 so a method never has to teach the interpreter anything new.
+
+``post`` (a :class:`Post`, bottleneck adapters) is a small network applied to
+the *output* of each contraction with the value, ``y -> y + s * up(act(down(y) +
+bias_down)) + s * bias_up``: its ``down``, ``up`` and ``bias_up`` are right
+tensors (their trailing axis is the bottleneck width, 1 for ``bias_up``) and
+``bias_down`` a *stack* tensor: the value's ``S`` axes and then the width. A
+value with a ``post`` cannot be materialised into one weight.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from jax import lax
 
 from jlora._adapter import Axes
 
-__all__ = ["Term", "Lazy", "from_kernel", "is_routed"]
+__all__ = ["Term", "Post", "Lazy", "from_kernel", "is_routed"]
 
 
 class Term(NamedTuple):
@@ -51,14 +58,30 @@ class Term(NamedTuple):
   groups: int = 0
 
 
+class Post(NamedTuple):
+  """A bottleneck on a contraction's output: ``y + scale * (up(act(down(y) + bias_down)) + bias_up)``.
+
+  ``down`` / ``up`` are right tensors (the value's ``R``/``S`` axes, then the
+  width ``m``), ``bias_up`` a right tensor of width 1, ``bias_down`` the
+  value's ``S`` axes then ``m``; ``act`` names the non-linearity.
+  """
+
+  down: Any
+  up: Any
+  bias_down: Any
+  bias_up: Any
+  act: str = "relu"
+  scale: float = 1.0
+
+
 class Lazy:
   """See the module docstring."""
 
-  __slots__ = ("base", "sides", "terms", "u", "v", "path")
+  __slots__ = ("base", "sides", "terms", "u", "v", "path", "post")
 
-  def __init__(self, base, sides, terms=(), u=None, v=None, path: str = ""):
+  def __init__(self, base, sides, terms=(), u=None, v=None, path: str = "", post=None):
     self.base, self.sides = base, tuple(sides)
-    self.terms, self.u, self.v, self.path = tuple(terms), u, v, path
+    self.terms, self.u, self.v, self.path, self.post = tuple(terms), u, v, path, post
 
   def replace(self, **kw) -> Lazy:
     f = {s: getattr(self, s) for s in self.__slots__}
@@ -77,42 +100,64 @@ class Lazy:
     return [t.a for t in self.terms] + ([] if self.u is None else [self.u])
 
   def rights(self) -> list:
-    return [t.b for t in self.terms] + ([] if self.v is None else [self.v])
+    p = [] if self.post is None else [self.post.down, self.post.up, self.post.bias_up]
+    return [t.b for t in self.terms] + ([] if self.v is None else [self.v]) + p
 
-  def map_sides(self, left, right, **kw) -> Lazy:
-    """Applies ``left`` to every left tensor and ``right`` to every right one."""
-    terms = tuple(t._replace(a=left(t.a), b=right(t.b)) for t in self.terms)
-    u = None if self.u is None else left(self.u)
-    v = None if self.v is None else right(self.v)
-    return self.replace(terms=terms, u=u, v=v, **kw)
+  def stacks(self) -> list:
+    return [] if self.post is None else [self.post.bias_down]
 
-  def with_sides(self, lefts: list, rights: list, **kw) -> Lazy:
-    """Rebuilds from new left / right tensor lists (in :meth:`lefts` / :meth:`rights` order)."""
+  def map_sides(self, per, **kw) -> Lazy:
+    """Applies ``per("a")`` to every left tensor, ``per("b")`` to every right one and
+    ``per("s")`` to every stack tensor."""
+    left, right = per("a"), per("b")
+    stack = per("s") if self.post is not None else None
+    return self.with_sides([left(x) for x in self.lefts()], [right(x) for x in self.rights()],
+                           [stack(x) for x in self.stacks()], **kw)
+
+  def with_sides(self, lefts: list, rights: list, stacks: list = (), **kw) -> Lazy:
+    """Rebuilds from new tensor lists (in :meth:`lefts` / :meth:`rights` / :meth:`stacks` order)."""
     n = len(self.terms)
     terms = tuple(t._replace(a=lefts[k], b=rights[k]) for k, t in enumerate(self.terms))
     u = lefts[n] if self.u is not None else None
+    nv = n + (self.v is not None)
     v = rights[n] if self.v is not None else None
-    return self.replace(terms=terms, u=u, v=v, **kw)
+    post = self.post
+    if post is not None:
+      post = post._replace(down=rights[nv], up=rights[nv + 1], bias_up=rights[nv + 2],
+                           bias_down=stacks[0] if stacks else post.bias_down)
+    return self.replace(terms=terms, u=u, v=v, post=post, **kw)
+
+
+def _post_children(p):
+  return None if p is None else (p.down, p.up, p.bias_down, p.bias_up)
+
+
+def _post_of(children, aux):
+  return None if children is None else Post(*children, *aux)
 
 
 jax.tree_util.register_pytree_node(
     Lazy,
     lambda z: ((z.base, tuple(t.a for t in z.terms), tuple(t.b for t in z.terms), z.u, z.v,
-                tuple(t.route for t in z.terms)),
-               (z.sides, tuple((t.scale, t.dropout, t.groups) for t in z.terms), z.path)),
+                tuple(t.route for t in z.terms), _post_children(z.post)),
+               (z.sides, tuple((t.scale, t.dropout, t.groups) for t in z.terms), z.path,
+                None if z.post is None else (z.post.act, z.post.scale))),
     lambda aux, ch: Lazy(ch[0], aux[0], tuple(Term(a, b, s, d, r, g) for a, b, r, (s, d, g)
                                               in zip(ch[1], ch[2], ch[5], aux[1])),
-                         ch[3], ch[4], aux[2]),
+                         ch[3], ch[4], aux[2], _post_of(ch[6], aux[3])),
 )
 
 
-def from_kernel(w, axes: Axes, terms=(), *, u=None, v=None, path: str = "") -> Lazy:
+def from_kernel(w, axes: Axes, terms=(), *, u=None, v=None, post: Post | None = None,
+                path: str = "") -> Lazy:
   """The :class:`Lazy` of a kernel ``w`` with :class:`jlora.Axes` ``axes``.
 
   ``terms`` are :class:`Term` s whose ``a`` is ``stack + in + (k,)`` and ``b``
   ``stack + (k,) + out`` (the adapters' storage layout, in/out axes in
-  ``axes``' order); ``u`` is ``stack + in`` and ``v`` ``stack + out``. The base
-  is wrapped in ``stop_gradient`` here, so no gradient reaches it.
+  ``axes``' order); ``u`` is ``stack + in`` and ``v`` ``stack + out``; a
+  ``post`` holds ``down`` ``stack + out + (m,)``, ``up`` ``stack + (m,) + out``,
+  ``bias_down`` ``stack + (m,)`` and ``bias_up`` ``stack + out``. The base is
+  wrapped in ``stop_gradient`` here, so no gradient reaches it.
   """
   ndim = len(w.shape)
   sides = ["S"] * ndim
@@ -136,7 +181,13 @@ def from_kernel(w, axes: Axes, terms=(), *, u=None, v=None, path: str = "") -> L
                     for t in terms)
   lu = None if u is None else left(u[..., None])
   rv = None if v is None else right(jnp.expand_dims(v, ns))
-  return Lazy(lax.stop_gradient(w), sides, out_terms, lu, rv, path)
+  if post is not None:
+    d_perm = list(range(ns)) + [ns + axes.outputs.index(i) for i in sorted(axes.outputs)]
+    down = post.down if d_perm == list(range(ns + len(axes.outputs))) else jnp.transpose(
+        post.down, d_perm + [post.down.ndim - 1])
+    post = post._replace(down=down, up=right(post.up), bias_up=right(jnp.expand_dims(post.bias_up, ns)),
+                         scale=float(post.scale))
+  return Lazy(lax.stop_gradient(w), sides, out_terms, lu, rv, path, post)
 
 
 def _num(x):

@@ -211,7 +211,10 @@ def _row_chunked_dot(eqn, operands, qpos: int):
 
 
 def _axes_of(sides: Sequence[str], factor: str) -> list[int]:
-  """The value axes a side's tensors carry, in value order (their rank axis comes after them)."""
+  """The value axes a side's tensors carry, in value order (their rank axis comes after them):
+  ``"a"`` the left ones, ``"b"`` the right ones, ``"s"`` the stack tensors (``S`` axes only)."""
+  if factor == "s":
+    return [i for i, s in enumerate(sides) if s == "S"]
   skip = "R" if factor == "a" else "L"
   return [i for i, s in enumerate(sides) if s != skip]
 
@@ -285,6 +288,13 @@ class _Ctx:
 
   def give_up(self, lz: Lazy, what: str) -> jax.Array:
     """Materialises ``lz`` for a use the rewrite does not cover (or raises when strict)."""
+    if lz.post is not None:
+      raise RewriteError(
+          f"jlora.lora: {what} uses the weight {lz.path!r} (shape {lz.shape}), which carries a "
+          "bottleneck adapter, in a way other than a dense contraction with the activations "
+          "(x @ W, einsum, dot_general): a bottleneck adapts that contraction's output and cannot "
+          "be folded into the weight. Contract the weight directly in the model, or adapt this "
+          "leaf with another method (jlora.LoRA, jlora.IA3)")
     if is_routed(lz):
       raise RewriteError(
           f"jlora.lora: {what} uses the stacked adapters at {lz.path!r} (shape {lz.shape}) in a way "
@@ -511,7 +521,7 @@ def _t_identity(eqn, lz, rest):
 
 
 def _t_stop_gradient(eqn, lz, rest):
-  return lz.map_sides(lax.stop_gradient, lax.stop_gradient, base=_bind_base(eqn, lz, rest))
+  return lz.map_sides(lambda f: lax.stop_gradient, base=_bind_base(eqn, lz, rest))
 
 
 def _t_transpose(eqn, lz, rest):
@@ -522,7 +532,7 @@ def _t_transpose(eqn, lz, rest):
     old = _axes_of(lz.sides, f)
     fperm = [old.index(p) for p in perm if p in old] + [len(old)]
     return lambda x: x if fperm == list(range(len(fperm))) else lax.transpose(x, fperm)
-  return lz.map_sides(per("a"), per("b"), base=_bind_base(eqn, lz, rest), sides=sides)
+  return lz.map_sides(per, base=_bind_base(eqn, lz, rest), sides=sides)
 
 
 def _t_squeeze(eqn, lz, rest):
@@ -533,7 +543,7 @@ def _t_squeeze(eqn, lz, rest):
     old = _axes_of(lz.sides, f)
     fd = [old.index(d) for d in sorted(dims) if d in old]
     return lambda x: lax.squeeze(x, fd) if fd else x
-  return lz.map_sides(per("a"), per("b"), base=_bind_base(eqn, lz, rest), sides=sides)
+  return lz.map_sides(per, base=_bind_base(eqn, lz, rest), sides=sides)
 
 
 def _reshape_groups(old: Sequence[int], new: Sequence[int]):
@@ -585,7 +595,7 @@ def _t_reshape(eqn, lz, rest):
   def per(f):
     fshape = tuple(new[j] for j in _axes_of(sides, f))
     return lambda x: x if tuple(x.shape) == fshape + (x.shape[-1],) else x.reshape(fshape + (x.shape[-1],))
-  return lz.map_sides(per("a"), per("b"), base=_bind_base(eqn, lz, rest), sides=tuple(sides))
+  return lz.map_sides(per, base=_bind_base(eqn, lz, rest), sides=tuple(sides))
 
 
 def _t_broadcast(eqn, lz, rest):
@@ -603,7 +613,7 @@ def _t_broadcast(eqn, lz, rest):
     fshape = tuple(shape[j] for j in new)
     fbd = tuple(new.index(bd[k]) for k in old) + (len(new),)
     return lambda x: lax.broadcast_in_dim(x, fshape + (x.shape[-1],), fbd)
-  return lz.map_sides(per("a"), per("b"), base=_bind_base(eqn, lz, rest), sides=tuple(sides))
+  return lz.map_sides(per, base=_bind_base(eqn, lz, rest), sides=tuple(sides))
 
 
 def _t_slice(eqn, lz, rest):
@@ -615,7 +625,7 @@ def _t_slice(eqn, lz, rest):
     return lambda x: lax.slice(x, [p["start_indices"][i] for i in ax] + [0],
                                [p["limit_indices"][i] for i in ax] + [x.shape[-1]],
                                None if strides is None else [strides[i] for i in ax] + [1])
-  return lz.map_sides(per("a"), per("b"), base=_bind_base(eqn, lz, rest))
+  return lz.map_sides(per, base=_bind_base(eqn, lz, rest))
 
 
 def _t_dynamic_slice(eqn, lz, rest):
@@ -628,7 +638,7 @@ def _t_dynamic_slice(eqn, lz, rest):
     ax = _axes_of(lz.sides, f)
     return lambda x: lax.dynamic_slice(x, [rest[i] for i in ax] + [zero],
                                        [sizes[i] for i in ax] + [x.shape[-1]])
-  return lz.map_sides(per("a"), per("b"), base=_bind_base(eqn, lz, rest))
+  return lz.map_sides(per, base=_bind_base(eqn, lz, rest))
 
 
 def _arith(eqn, invals, ctx):
@@ -645,6 +655,8 @@ def _arith(eqn, invals, ctx):
   i = lazy[0]
   lz = invals[i]
   others = [x for j, x in enumerate(invals) if j != i]
+  if lz.post is not None and name not in ("add", "sub"):
+    return None  # a bottleneck reads the contraction's output: a scaled weight would change it
 
   def scale_terms(factor):
     return tuple(t._replace(a=(t.a * jnp.asarray(factor).astype(t.a.dtype)).astype(t.a.dtype))
@@ -823,13 +835,56 @@ def _c_dot_general(eqn, invals, ctx):
     y = _add(y, _lowrank(x, xl, lz, t, vl, out, ctx, eqn.params.get("precision")))
   if where.get("v", ("",))[0] == "out":
     y = _scale_by(y, out, lz.v, where["v"][1])
+  if lz.post is not None:
+    y = _bottleneck(y, out, lz, vl, ctx)
   return y
+
+
+_ACTS = {
+    "relu": jax.nn.relu,
+    "swish": jax.nn.silu,
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "identity": lambda x: x,
+}
+
+
+def _put(t, tl: str, yl: str):
+  """``t`` (axes named ``tl``, each in ``yl``) transposed and reshaped to broadcast against ``yl``."""
+  order = sorted(range(len(tl)), key=lambda k: yl.index(tl[k]))
+  if order != list(range(len(tl))):
+    t = jnp.transpose(t, order)
+  have = [tl[k] for k in order]
+  return t.reshape(tuple(t.shape[have.index(c)] if c in have else 1 for c in yl))
+
+
+def _bottleneck(y, yl: str, lz: Lazy, vl: str, ctx: _Ctx) -> jax.Array:
+  """``y + s * (up(act(down(y) + bias_down)) + bias_up)`` along the kernel's output axes of ``y``."""
+  p = lz.post
+  rl = "".join(vl[i] for i in _axes_of(lz.sides, "b"))
+  sl = "".join(vl[i] for i in _axes_of(lz.sides, "s"))
+  if not set(rl) <= set(yl):
+    return ctx.give_up(lz, "a contraction that sums over the weight's stacked axes")
+  used = set(yl) | set(vl)
+  m = next(c for c in string.ascii_letters if c not in used)
+  hl = "".join(c for c in yl if c not in rl or c in sl) + m
+  cd = jnp.promote_types(jnp.promote_types(p.down.dtype, p.up.dtype), y.dtype)
+  acc = _acc(cd)
+  h = jnp.einsum(f"{yl},{rl}{m}->{hl}", y.astype(cd), p.down.astype(cd), preferred_element_type=acc)
+  h = _ACTS[p.act](h + _put(p.bias_down.astype(acc), sl + m, hl)).astype(cd)
+  d = jnp.einsum(f"{hl},{rl}{m}->{yl}", h, p.up.astype(cd), preferred_element_type=acc)
+  d = d + _put(p.bias_up[..., 0].astype(acc), rl, yl)
+  return _add(y, _scaled(d, p.scale))
 
 
 def _c_conv(eqn, invals, ctx):
   lhs, rhs = invals
   p = eqn.params
-  if _is_lazy(lhs) or is_routed(rhs) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+  if _is_lazy(lhs) or is_routed(rhs) or rhs.post is not None or p["feature_group_count"] != 1 \
+      or p["batch_group_count"] != 1:
     return None
   if rhs.u is not None or rhs.v is not None:
     return None
@@ -854,7 +909,7 @@ def _c_conv(eqn, invals, ctx):
 
 def _c_gather(eqn, invals, ctx):
   op, idx = invals
-  if not _is_lazy(op) or _is_lazy(idx) or is_routed(op):
+  if not _is_lazy(op) or _is_lazy(idx) or is_routed(op) or op.post is not None:
     return None
   p = eqn.params
   dn = p["dimension_numbers"]
@@ -920,7 +975,7 @@ def _c_gather(eqn, invals, ctx):
       return x if perm == list(range(len(perm))) else lax.transpose(x, perm)
     return go
 
-  out = op.map_sides(per("a"), per("b"), base=base_out, sides=sides)
+  out = op.map_sides(per, base=base_out, sides=sides)
   if nbatch and batch_side != "S":
     return _materialise(out)  # an embedding lookup: rows of W + rows of A, times B
   return out
@@ -1027,6 +1082,8 @@ def _r_scan(eqn, invals, ctx):
         parts["a"] = x.lefts()
       if s0 != "L":
         parts["b"] = x.rights()
+      if s0 == "S" and x.stacks():
+        parts["s"] = x.stacks()
       xs_in.append(parts)
       rebuild.append((x, s0))
     else:
@@ -1053,7 +1110,7 @@ def _r_scan(eqn, invals, ctx):
         else:
           base = x["base"]
         vals.append(lz.with_sides(x.get("a", lz.lefts()), x.get("b", lz.rights()),
-                                  base=base, sides=lz.sides[1:]))
+                                  x.get("s", lz.stacks()), base=base, sides=lz.sides[1:]))
     sub = ctx.child(key)
     outs = _eval(jaxpr, jconsts, vals, sub)
     outs = _concrete_outs(outs, sub, "a scan body")

@@ -57,7 +57,8 @@ MODEL_NAMES: dict[str, str] = {name: res for name, (res, _, _) in _families.pack
 
 _TASKS = ("classification", "causal_lm", "instruction")
 _SOURCES = ("sentiment", "files", "hub")
-_METHODS = ("lora", "dora", "ia3", "vera", "adalora", "prompt", "prefix", "full", "bitfit")
+_METHODS = ("lora", "dora", "ia3", "vera", "adalora", "adapter", "prompt", "prefix", "full", "bitfit")
+_PLACEMENTS = ("houlsby", "pfeiffer")
 _DTYPES = ("float32", "bfloat16")
 _POOLING = ("mean", "cls")
 _QUANTIZE = ("none", "nf4", "fp4", "int8", "q4_0", "q4_1", "q8_0", "gguf")
@@ -182,6 +183,7 @@ class MethodConfig:
       scalings, :class:`jlora.IA3`), ``vera`` (shared random projections with
       learned vectors, :class:`jlora.VeRA`), ``adalora`` (SVD-form LoRA whose
       rank budget is re-allocated during training, :class:`jlora.AdaLoRA`),
+      ``adapter`` (bottleneck adapters on the layers' outputs, :class:`jlora.Bottleneck`),
       ``prompt`` / ``prefix`` (a trained soft prompt / per-layer prefix of
       ``num_virtual_tokens``, Llama-family models only, :func:`jlora.add_prompt` /
       :func:`jlora.add_prefix`), ``full`` (every parameter) or ``bitfit`` (every bias).
@@ -211,6 +213,12 @@ class MethodConfig:
       with the final rank pattern fixed (``tfinal``).
     delta_t: ``adalora`` only: steps between re-allocations (``deltaT``).
     num_virtual_tokens: ``prompt`` / ``prefix`` only: the soft prompt's / prefix's length.
+    placement: ``adapter`` only: ``houlsby`` (after the attention output and after the
+      feed-forward output of every layer) or ``pfeiffer`` (after the feed-forward output);
+      ``method.targets`` overrides the modules.
+    reduction_factor: ``adapter`` only: bottleneck width = hidden size / reduction_factor.
+    non_linearity: ``adapter`` only: the bottleneck's activation; null (auto): ``swish``
+      for houlsby, ``relu`` for pfeiffer (AdapterHub's configs).
     train_also: modules trained in full besides the method's own parameters
       (PEFT's ``modules_to_save``); any method. null (auto): the
       classification head (``classifier``) for classification, none otherwise.
@@ -229,6 +237,9 @@ class MethodConfig:
   tfinal_ratio: float = 0.2
   delta_t: int = 10
   num_virtual_tokens: int = 20
+  placement: str = "houlsby"
+  reduction_factor: float = 16.0
+  non_linearity: str | None = None
   train_also: list[str] | None = None
 
 
@@ -533,6 +544,11 @@ def validate(cfg: Config) -> None:
                       "budget only shrinks from rank to target_rank; lower target_rank or raise rank.")
   positive("method.delta_t", me.delta_t)
   positive("method.num_virtual_tokens", me.num_virtual_tokens)
+  choice("method.placement", me.placement, _PLACEMENTS)
+  positive("method.reduction_factor", me.reduction_factor)
+  if me.non_linearity is not None:
+    from jlora._methods.bottleneck import _ACTS  # noqa: PLC0415
+    choice("method.non_linearity", me.non_linearity, _ACTS)
   for k in ("tinit_ratio", "tfinal_ratio"):
     if not 0 <= getattr(me, k) < 1:
       raise ConfigError(f"method.{k} must be in [0, 1), got {getattr(me, k)}.")

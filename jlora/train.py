@@ -475,7 +475,7 @@ def build_rules(cfg: Config, params: Any, family: str, *,
                 total_steps: int | None = None) -> list[tuple[str, Any]]:
   """The ``jlora.wrap`` rules for ``cfg.method`` on ``params``.
 
-  ``lora`` / ``dora`` / ``vera`` / ``ia3``: that method's spec for every
+  ``lora`` / ``dora`` / ``vera`` / ``ia3`` / ``adalora`` / ``adapter``: that method's spec for every
   ``kernel`` whose module matches a target (stacked layers get
   ``stack_axes=1``; for ``ia3`` the ``method.feedforward`` targets scale their
   inputs); ``full``: ``Full`` on every float
@@ -519,7 +519,7 @@ def build_rules(cfg: Config, params: Any, family: str, *,
       _no_module("method.train_also", name, modules)
     also_paths += [p for p in hit if p not in also_paths]
   if me.name in ADAPTER_METHODS:
-    targets = me.targets if me.targets is not None else _default_targets(family, me.name)
+    targets = me.targets if me.targets is not None else _default_targets(family, me.name, me.placement)
     feedforward = me.feedforward if me.feedforward is not None else _default_feedforward(family)
     for name in targets:
       hit = [p for p in paths if p.endswith("/kernel")
@@ -824,14 +824,18 @@ def predict(run: Run, texts: list[str], *, max_new_tokens: int = 64, temperature
     params = run.tree  # run through jlora.lora, each row with its own adapter
   elif adapter_ids is not None:
     raise DataError("adapter_ids needs a run with several adapters (load_runs)")
+  elif _unmergeable(run.tree):
+    params = run.tree  # bottleneck adapters: run through jlora.lora, never merged
   else:
     params = jlora.merge(run.tree)
   if run.family == "bert" and run.config.data.task == "classification":
     enc = run.tokenizer(list(texts), truncation=True, max_length=run.config.data.max_length,
                         padding=True, return_tensors="np")
     batch = {k: jnp.asarray(v) for k, v in enc.items()}
-    if ids is None:
+    if ids is None and params is not run.tree:
       logits = run.forward(params, batch, True, None)
+    elif ids is None:
+      logits = jlora.lora(run.forward)(params, batch, True, None)
     else:
       logits = jlora.lora(run.forward)(params, batch, True, None, adapter_ids=jnp.asarray(ids))
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
@@ -1000,7 +1004,7 @@ def _load_llama_params(path, quantize: str):
 
 
 #: the ``method.name`` values that put an adapter on each target kernel
-ADAPTER_METHODS = ("lora", "dora", "ia3", "vera", "adalora")
+ADAPTER_METHODS = ("lora", "dora", "ia3", "vera", "adalora", "adapter")
 
 
 def _method_spec(me: Any, stack_axes: int | None, feedforward: bool,
@@ -1025,6 +1029,9 @@ def _method_spec(me: Any, stack_axes: int | None, feedforward: bool,
                          **sched)
   if me.name == "ia3":
     return jlora.IA3(feedforward=feedforward, stack_axes=stack_axes)
+  if me.name == "adapter":
+    act = me.non_linearity or ("swish" if me.placement == "houlsby" else "relu")
+    return jlora.Bottleneck(me.reduction_factor, non_linearity=act, stack_axes=stack_axes)
   if me.name == "vera":
     if me.init != "kaiming":
       raise ConfigError(f"method.init={me.init} is a LoRA init; VeRA draws fixed Kaiming-uniform "
@@ -1039,8 +1046,10 @@ def _method_spec(me: Any, stack_axes: int | None, feedforward: bool,
                     stack_axes=stack_axes)
 
 
-def _default_targets(family: str, method: str = "lora") -> list[str]:
+def _default_targets(family: str, method: str = "lora", placement: str = "houlsby") -> list[str]:
   fam = _families.family(family)
+  if method == "adapter":
+    return list(fam.adapter_targets[placement])
   return list(fam.ia3_targets if method == "ia3" else fam.lora_targets)
 
 
@@ -1399,6 +1408,12 @@ def _loss_sum(task: str, logits: jax.Array, batch: dict[str, jax.Array]) -> tupl
   return nll(logits, labels, reduction="sum"), valid.sum().astype(jnp.float32)
 
 
+def _unmergeable(tree: Any) -> bool:
+  """True when the tree holds adapters that have no merged weight (bottleneck adapters)."""
+  return any(jlora.is_adapted(x) and not type(x).mergeable
+             for x in jax.tree.leaves(tree, is_leaf=jlora.is_adapted))
+
+
 def _make_eval_fn(cfg: Config, model: _Model):
   task = cfg.data.task
 
@@ -1407,6 +1422,8 @@ def _make_eval_fn(cfg: Config, model: _Model):
     tree = jlora.combine(trainable, frozen) if trainable is not None else frozen
     if "adapter_ids" in batch:  # stacked adapters: each row routed to its own
       logits = jlora.lora(model.forward)(tree, batch, True, None, adapter_ids=batch["adapter_ids"])
+    elif _unmergeable(tree):  # bottleneck adapters run beside the frozen weights
+      logits = jlora.lora(model.forward)(tree, batch, True, None)
     else:
       params = jlora.merge(tree)  # also dequantises a quantised base (model.quantize)
       logits = model.forward(params, batch, True, None)

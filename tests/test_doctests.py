@@ -10,7 +10,7 @@ import pytest
 MODULES = ["jlora", "jlora._adapter", "jlora._methods.lora", "jlora._methods.lora_init", "jlora._methods.dora",
            "jlora._spec", "jlora._tree", "jlora._optim", "jlora._summary", "jlora._lora", "jlora._paths",
            "jlora._checkpoint", "jlora._multi", "jlora._methods.stacked", "jlora._methods.adalora",
-           "jlora._methods.prompt"]
+           "jlora._methods.prompt", "jlora._methods.bottleneck"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -390,6 +390,40 @@ def test_protocol_methods_train_count_and_reload(tiny, method, init):
   assert moved and math.isfinite(res.metrics["test"]["loss"])
 
 
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_bottleneck_adapter_runs_count_reload_and_refuse_merging(tiny, placement):
+  """method=adapter: bottleneck adapters on the placement's modules (plus the head) train, the
+  count follows the shapes, the run reloads and evaluates (through jlora.lora, never merged) to
+  the training run's metrics, and merging is refused."""
+  cfg = load_config(overrides=tiny_cls_overrides(
+      tiny["root"], tiny["bert"], f"adapter_{placement}", **{
+          "method.name": "adapter", "method.placement": placement, "method.reduction_factor": 4,
+          "resume": False, "train.max_steps": 3}))
+  res = train(cfg, log=_quiet)
+  run = load_run(res.output_dir)
+  leaves = dict(jlora.adapted_leaves(run.tree))
+  adapted = {p: x for p, x in leaves.items() if not p.startswith("classifier/")}
+  want_paths = {"layers/output/dense/kernel"} | (
+      {"layers/attention/output/dense/kernel"} if placement == "houlsby" else set())
+  assert set(adapted) == want_paths and all(isinstance(x, jlora.BottleneckWeight) for x in adapted.values())
+  assert {x.spec.non_linearity for x in adapted.values()} == {"swish" if placement == "houlsby" else "relu"}
+  head = sum(int(np.size(x.w)) for p, x in leaves.items() if p.startswith("classifier/"))
+  want = 0
+  for x in adapted.values():
+    n_layers, _, d = x.shape
+    m = d // 4
+    want += n_layers * (2 * d * m + m + d)
+  assert res.trainable_params == want + head
+  assert any(float(np.abs(np.asarray(x.up)).max()) > 0 for x in adapted.values())
+  again = evaluate_run(run, "test")
+  assert again["accuracy"] == res.metrics["test"]["accuracy"]
+  assert again["loss"] == pytest.approx(res.metrics["test"]["loss"], rel=1e-5)
+  probs = predict(run, ["a fine film"])[0]["probs"]
+  assert abs(sum(probs) - 1) < 1e-5
+  with pytest.raises(jlora.TreeError, match="cannot be merged"):
+    merge_run(run, tiny["root"] / f"adapter-{placement}-merged", overwrite=True)
+
+
 def test_adalora_run_ends_at_the_target_budget_and_reloads(tiny):
   """method=adalora: the allocator runs inside the step, the run ends at the target budget, the
   saved adapter carries the rank pattern (masked ranks are zero and stay masked when reloaded)."""

@@ -15,5 +15,7 @@ from jlora._methods.stacked import StackedLoRA as StackedLoRA
 from jlora._methods.stacked import StackedLoraWeight as StackedLoraWeight
 from jlora._methods.adalora import AdaLoRA as AdaLoRA
 from jlora._methods.adalora import AdaLoraWeight as AdaLoraWeight
+from jlora._methods.bottleneck import Bottleneck as Bottleneck
+from jlora._methods.bottleneck import BottleneckWeight as BottleneckWeight
 from jlora._methods.prompt import PromptTuning as PromptTuning
 from jlora._methods.prompt import PrefixTuning as PrefixTuning
