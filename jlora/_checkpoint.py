@@ -508,11 +508,23 @@ def check_file_digests(root: Path, files: dict[str, dict], *, where: str) -> Non
                             "the manifest): restore the checkpoint from a copy or save it again")
 
 
+def _this_process_only(ocp) -> dict:
+  """Orbax options for a save / restore by this process alone (host arrays, no barriers), so
+  that under ``jax.distributed`` one process writes an adapter while the others wait."""
+  import jax  # noqa: PLC0415
+  if jax.process_count() == 1:
+    return {}
+  me = jax.process_index()
+  return {"multiprocessing_options": ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"jlora-p{me}")}
+
+
 def write_orbax_arrays(path: Path, arrays: dict) -> None:
   """Writes a dict of host arrays as an Orbax PyTree checkpoint (synchronously)."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ck:
+  opts = _this_process_only(ocp)
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**opts), **opts) as ck:
     ck.save(os.path.abspath(path), args=ocp.args.PyTreeSave(arrays))
 
 
@@ -525,7 +537,8 @@ def read_orbax_arrays(path: Path, layout: dict[str, dict[str, dict]], *, where: 
                           "incomplete or corrupt: restore it from a copy or save it again")
   args = {k: {n: ocp.RestoreArgs(restore_type=np.ndarray) for n in v} for k, v in layout.items()}
   try:
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ck:
+    opts = _this_process_only(ocp)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**opts), **opts) as ck:
       got = ck.restore(os.path.abspath(path), args=ocp.args.PyTreeRestore(restore_args=args))
   except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
     raise CheckpointError(f"{where}: the adapter arrays in {path} cannot be read ({_short(e)}); "

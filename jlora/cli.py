@@ -236,6 +236,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
   if args.print_config:
     print(dump_config(cfg), end="")
     return 0
+  import os  # noqa: PLC0415
+  if any(os.environ.get(v) for v in ("JLORA_COORDINATOR", "JLORA_NUM_PROCESSES", "JLORA_PROCESS_ID")):
+    from jlora import distributed  # noqa: PLC0415
+    distributed.initialize()  # several hosts: one process each, connected before JAX starts
   from jlora.train import train  # noqa: PLC0415
   result = train(cfg)
   return 130 if result.interrupted else 0

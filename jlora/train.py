@@ -60,7 +60,7 @@ import numpy as np
 import optax
 
 import jlora
-from jlora import _families
+from jlora import _families, distributed
 from jlora._manager import CheckpointManager
 from jlora.train_step import TrainState, TrainStep, make_train_step
 from jlora._errors import CheckpointError, ConfigError, DataError, ModelError
@@ -171,6 +171,14 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
     0.83...
   """
   t_start = time.perf_counter()
+  primary = distributed.is_primary()  # several processes (jax.distributed): process 0 writes
+  if not primary:
+    log = _silent
+  if jax.process_count() > 1 and cfg.train.mesh == "none":
+    raise ConfigError(
+        f"this run has {jax.process_count()} processes (jax.distributed) but train.mesh=none, which "
+        "trains on one device; pick a preset that spans them all: train.mesh=dp (or fsdp, tp, "
+        "fsdp_tp)")
   job = _prepare(cfg)  # data first: every data error comes before any weights load
   out, tc = Path(cfg.output_dir), cfg.train
   tree = jlora.wrap(job.model.params, build_rules(cfg, job.model.params, job.family,
@@ -186,9 +194,11 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
   state, frozen = step_fn.init(tree)
   del tree
   mgr, state, pos, resumed = _open_checkpoints(cfg, out, step_fn, state, frozen)
-  out.mkdir(parents=True, exist_ok=True)
-  dump_config(cfg, out / "config.yaml")
-  logger = _MetricsLogger(out, tensorboard=tc.tensorboard, append=resumed is not None)
+  if primary:
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+  logger = _MetricsLogger(out, tensorboard=tc.tensorboard, append=resumed is not None,
+                          enabled=primary)
   log(f"jlora train: {cfg.method.name} on {cfg.model.name} ({job.family}), task {cfg.data.task}, "
       f"data {job.data_info}")
   log(str(summary))
@@ -214,7 +224,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
     logger.close()
     raise
   train_seconds = time.perf_counter() - t_train
-  step = int(state.step)
+  step = _int(state.step)
   _save(mgr, step, state, frozen, pos, force=True)
   mgr.close()  # waits for the background writes
   if interrupted:
@@ -233,6 +243,10 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
         f"kept (target {results['adalora']['target_ranks']})")
   adapter_dir, adapter_bytes = _save_adapter(cfg, out, trained, frozen, step, job.num_labels)
   wall = time.perf_counter() - t_start
+  if not primary:
+    logger.close()
+    return TrainResult(out, adapter_dir, step, job.total_steps, False, results, summary.trainable,
+                       summary.total, adapter_bytes, train_seconds, wall)
   (out / "results.json").write_text(json.dumps({
       "method": cfg.method.name, "model": cfg.model.name, "task": cfg.data.task,
       "steps": step, "total_steps": job.total_steps, "train_rows": job.n_train,
@@ -242,6 +256,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print,
       "num_labels": job.num_labels, "metrics": results, "last_train": last,
       "adapter_dir": str(adapter_dir), "resumed_from": resumed,
       "mesh": {"preset": tc.mesh, "shape": dict(mesh.shape)} if mesh is not None else None,
+      "processes": jax.process_count(),
   }, indent=2) + "\n")
   logger.close()
   if "test" in results:
@@ -327,8 +342,9 @@ def _loss_fn(cfg: Config, model: _Model) -> Callable[..., tuple[jax.Array, jax.A
 def _open_checkpoints(cfg: Config, out: Path, step_fn: TrainStep, state: TrainState, frozen: Any):
   """The run's CheckpointManager and, with ``resume``, the state restored from its latest step."""
   root = out / "checkpoints"
-  if not cfg.resume and root.exists():
+  if not cfg.resume and root.exists() and distributed.is_primary():
     shutil.rmtree(root)
+  distributed.sync("jlora-train-checkpoints")
   _refuse_old_checkpoints(root)
   mgr = CheckpointManager(root, max_to_keep=cfg.train.keep_last)
   pos = {"epoch": 0, "position": 0, "best": None, "tokens": 0}
@@ -336,7 +352,7 @@ def _open_checkpoints(cfg: Config, out: Path, step_fn: TrainStep, state: TrainSt
   if latest is None:
     return mgr, state, pos, None
   _check_same_job(out / "config.yaml", cfg)
-  r = mgr.restore(jlora.combine(state.trainable, frozen), state.opt_state)
+  r = mgr.restore(_host_tree(jlora.combine(state.trainable, frozen)), _host_tree(state.opt_state))
   trainable = _split_any(r.tree)[0] if frozen is not None else r.tree
   trainable = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), trainable,
                            state.trainable)
@@ -361,14 +377,39 @@ def _save(mgr: CheckpointManager, step: int, state: TrainState, frozen: Any, pos
     mgr.wait_until_finished()
     if step in mgr.all_steps():  # a periodic save of this very step already ran
       return
-  mgr.save(step, tree, state.opt_state, data_state=dict(pos), force=force)
+  mgr.save(step, _host_tree(tree), _host_tree(state.opt_state), data_state=dict(pos), force=force)
+
+
+def _host_tree(tree: Any) -> Any:
+  """Several processes: every array gathered to numpy in each (the checkpoint writes host data);
+  one process: the tree itself (the manager copies it to the host)."""
+  return distributed.to_host(tree) if jax.process_count() > 1 else tree
+
+
+def _int(x) -> int:
+  return int(distributed.to_host(x)) if jax.process_count() > 1 else int(x)
+
+
+def _local_rows(batch: Any, step_fn: TrainStep) -> Any:
+  """Several processes: this process's rows of the global batch (the step assembles them)."""
+  if jax.process_count() == 1 or step_fn.mesh is None:
+    return batch
+  def mine(x):  # each leaf by its own leading size (packed rows, sentence labels)
+    if not np.ndim(x):
+      return x
+    return x[distributed.process_rows(np.shape(x)[0], step_fn.mesh, step_fn.batch_spec)]
+  return jax.tree.map(mine, batch)
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+  return None
 
 
 def _fit(cfg, job, step_fn, state, frozen, pos, packer, mgr, eval_fn, logger, on_step):
   """The loop: batches -> step -> logs, evaluations, checkpoints; stops at the end or Ctrl-C."""
   tc = cfg.train
   schedule = _schedule(cfg, job.total_steps)
-  step, start = int(state.step), int(state.step)
+  step = start = _int(state.step)
   bar = None
   last: dict[str, float] = {}
   interrupted = False
@@ -385,14 +426,15 @@ def _fit(cfg, job, step_fn, state, frozen, pos, packer, mgr, eval_fn, logger, on
         for batch in it:
           n_tok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
           rng = jax.random.fold_in(jax.random.key(tc.seed + 1), step)
-          state, m = step_fn(state, frozen, packer(batch) if packer is not None else batch, rng)
+          state, m = step_fn(state, frozen, _local_rows(packer(batch) if packer is not None else batch,
+                                                        step_fn), rng)
           step += 1
           pos["position"] = it.position
           pos["tokens"] += n_tok
           rate_tokens += n_tok
           if step % tc.log_every == 0 or step == job.total_steps or step == start + 1:
             now = time.perf_counter()
-            m = {k: float(v) for k, v in m.items() if k != "weight"}
+            m = {k: float(v) for k, v in distributed.to_host(m).items() if k != "weight"}
             m.update(lr=float(schedule(step - 1)),
                      tokens_per_s=rate_tokens / max(now - rate_t, 1e-9),
                      epoch=pos["epoch"] + pos["position"] / max(it.num_batches, 1))
@@ -402,7 +444,7 @@ def _fit(cfg, job, step_fn, state, frozen, pos, packer, mgr, eval_fn, logger, on
             if bar is not None:
               bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
           if on_step is not None:
-            on_step(step, {k: float(v) for k, v in m.items()})
+            on_step(step, {k: float(v) for k, v in distributed.to_host(m).items()})
           if bar is not None:
             bar.update(1)
           if tc.eval_every and step % tc.eval_every == 0 and step < job.total_steps:
@@ -440,10 +482,12 @@ def _save_adapter(cfg, out, trainable, frozen, step, num_labels) -> tuple[Path, 
   from jlora._checkpoint import save_adapters  # noqa: PLC0415
   adapter_dir = out / "adapter"
   tree = trainable if frozen is None else jlora.combine(trainable, frozen)
-  host_tree = jax.tree.map(np.asarray, tree)  # numpy: fast fingerprint
-  save_adapters(adapter_dir, host_tree, overwrite=True,
-                metadata={"method": cfg.method.name, "model": cfg.model.name, "step": step,
-                          "num_labels": num_labels})
+  host_tree = distributed.to_host(tree)  # numpy: fast fingerprint (gathered across processes)
+  if distributed.is_primary():
+    save_adapters(adapter_dir, host_tree, overwrite=True,
+                  metadata={"method": cfg.method.name, "model": cfg.model.name, "step": step,
+                            "num_labels": num_labels})
+  distributed.sync("jlora-train-adapter")
   return adapter_dir, _dir_bytes(adapter_dir)
 
 
@@ -1446,9 +1490,17 @@ def _evaluate(eval_fn, trainable, frozen, feats: dict[str, np.ndarray], cfg: Con
                               cfg.model.pooling)
   else:
     it = _eval_batches(feats, cfg.train.eval_batch_size, cfg.data.max_length, bucket)
+  replicated = None
+  if jax.process_count() > 1:  # every process passes the same rows: a replicated global batch
+    mesh = jax.tree.leaves(trainable)[0].sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   for batch in it:
-    jb = {k: jnp.asarray(v) for k, v in batch.items()}
-    loss, n, p = eval_fn(trainable, frozen, jb)
+    if replicated is None:
+      jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    else:
+      jb = {k: jax.make_array_from_process_local_data(replicated, np.asarray(v), np.shape(v))
+            for k, v in batch.items()}
+    loss, n, p = distributed.to_host(eval_fn(trainable, frozen, jb))
     loss_sum += float(loss)
     count += float(n)
     if task == "classification":
@@ -1523,10 +1575,10 @@ def _dir_bytes(path: Path) -> int:
 class _MetricsLogger:
   """metrics.jsonl (always) and TensorBoard (when tensorboardX imports)."""
 
-  def __init__(self, out: Path, *, tensorboard: bool, append: bool):
-    self._file = open(out / "metrics.jsonl", "a" if append else "w")  # noqa: SIM115
+  def __init__(self, out: Path, *, tensorboard: bool, append: bool, enabled: bool = True):
+    self._file = open(out / "metrics.jsonl", "a" if append else "w") if enabled else None  # noqa: SIM115
     self._tb = None
-    if tensorboard:
+    if tensorboard and enabled:
       try:
         from tensorboardX import SummaryWriter  # noqa: PLC0415
       except ImportError:
@@ -1536,6 +1588,8 @@ class _MetricsLogger:
     self._t0 = time.time()
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+    if self._file is None:
+      return
     rec = {"step": step, "split": split, "time": round(time.time() - self._t0, 3)}
     rec.update({k: float(v) for k, v in metrics.items()})
     self._file.write(json.dumps(rec) + "\n")
@@ -1545,7 +1599,8 @@ class _MetricsLogger:
         self._tb.add_scalar(f"{split}/{k}", float(v), step)
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 

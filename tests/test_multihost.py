@@ -134,3 +134,67 @@ def test_checkpoint_saved_by_both_restores_in_a_fresh_pair(runs, reference):
         f"max |adapter diff| {diff:.2e}")
   np.testing.assert_allclose(loss3, ref_losses[2:], atol=1e-5, rtol=0)
   assert diff <= 1e-5
+
+
+# -- jlora train on two processes ---------------------------------------------------------------
+
+def test_jlora_train_on_two_processes_equals_one_process(tmp_path):
+  """`jlora train train.mesh=fsdp` as two processes (JLORA_COORDINATOR / JLORA_NUM_PROCESSES /
+  JLORA_PROCESS_ID, 4 fake CPU devices each): each reads its rows of every batch, the run
+  checkpoints and evaluates across both, process 0 alone writes the run directory, and the
+  adapters and metrics equal the same job on one process with 8 devices."""
+  from test_train import make_tiny_bert, tiny_cls_overrides
+
+  import jlora
+  from jlora.cli import main
+  from jlora.config import load_config
+  from jlora.train import load_run
+
+  bert = make_tiny_bert(tmp_path)
+  extra = {"train.mesh": "fsdp", "train.max_steps": 3, "train.batch_size": 16, "resume": False,
+           "train.save_every": 2}
+  one = tiny_cls_overrides(tmp_path, bert, "one", **extra)
+  assert main(["train", *one]) == 0
+  two = tiny_cls_overrides(tmp_path, bert, "two", **extra)
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             JLORA_COORDINATOR=f"127.0.0.1:{port}", JLORA_NUM_PROCESSES="2",
+             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  procs, logs = [], []
+  for pid in range(2):
+    log = open(tmp_path / f"cli_{pid}.log", "w")  # noqa: SIM115 - closed below
+    logs.append(log)
+    procs.append(subprocess.Popen([sys.executable, "-m", "jlora", "train", *two, "train.progress=false"],
+                                  env=dict(env, JLORA_PROCESS_ID=str(pid)), stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=tmp_path))
+  try:
+    codes = [p.wait(timeout=TIMEOUT) for p in procs]
+  except subprocess.TimeoutExpired:
+    codes = None
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    for log in logs:
+      log.close()
+  if codes != [0, 0]:
+    pytest.fail(f"jlora train pair failed ({codes}):\n" + "\n".join(
+        (tmp_path / f"cli_{p}.log").read_text()[-3000:] for p in range(2)))
+  res = {k: json.loads((tmp_path / k / "results.json").read_text()) for k in ("one", "two")}
+  assert res["two"]["processes"] == 2 and res["two"]["mesh"]["shape"] == {"data": 8}
+  assert res["two"]["metrics"]["test"]["accuracy"] == res["one"]["metrics"]["test"]["accuracy"]
+  assert res["two"]["metrics"]["test"]["loss"] == pytest.approx(res["one"]["metrics"]["test"]["loss"],
+                                                               rel=1e-4)
+  runs = {k: load_run(tmp_path / k) for k in ("one", "two")}
+  a = jax.tree.leaves(jlora.split(runs["one"].tree)[0])
+  b = jax.tree.leaves(jlora.split(runs["two"].tree)[0])
+  assert len(a) == len(b) and a
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+  assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == \
+      ["2", "3"]
+  # process 1 wrote nothing of its own: one metrics file, with one line per logged step
+  lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+  assert len([ln for ln in lines if '"split": "train"' in ln]) == 3
+  assert load_config(tmp_path / "two" / "config.yaml").train.mesh == "fsdp"
