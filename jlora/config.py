@@ -211,6 +211,10 @@ class MethodConfig:
       with the final rank pattern fixed (``tfinal``).
     delta_t: ``adalora`` only: steps between re-allocations (``deltaT``).
     num_virtual_tokens: ``prompt`` / ``prefix`` only: the soft prompt's / prefix's length.
+    prefix_projection: ``prefix`` only: the hidden size ``H`` of PEFT's prefix
+      projection (``prefix_projection=True``, ``encoder_hidden_size=H``: the
+      prefix is an MLP's output, :class:`jlora.PrefixTuning`); 0 (default):
+      the keys and values train directly.
     train_also: modules trained in full besides the method's own parameters
       (PEFT's ``modules_to_save``); any method. null (auto): the
       classification head (``classifier``) for classification, none otherwise.
@@ -229,6 +233,7 @@ class MethodConfig:
   tfinal_ratio: float = 0.2
   delta_t: int = 10
   num_virtual_tokens: int = 20
+  prefix_projection: int = 0
   train_also: list[str] | None = None
 
 
@@ -533,6 +538,10 @@ def validate(cfg: Config) -> None:
                       "budget only shrinks from rank to target_rank; lower target_rank or raise rank.")
   positive("method.delta_t", me.delta_t)
   positive("method.num_virtual_tokens", me.num_virtual_tokens)
+  positive("method.prefix_projection", me.prefix_projection, zero=True)
+  if me.prefix_projection and me.name != "prefix":
+    raise ConfigError(f"method.prefix_projection={me.prefix_projection} is the hidden size of a prefix's "
+                      f"MLP; it is for method.name=prefix, not {me.name}: drop it or set method.name=prefix.")
   for k in ("tinit_ratio", "tfinal_ratio"):
     if not 0 <= getattr(me, k) < 1:
       raise ConfigError(f"method.{k} must be in [0, 1), got {getattr(me, k)}.")

@@ -453,8 +453,8 @@ def _add_learned_input(cfg: Config, tree: Any, job: _Job) -> Any:
   if me.name == "prompt":
     return jlora.add_prompt(tree, jlora.PromptTuning(me.num_virtual_tokens), key=key)
   if me.name == "prefix":
-    return jlora.add_prefix(tree, jlora.PrefixTuning(me.num_virtual_tokens), key=key,
-                            config=job.model.handle)
+    spec = jlora.PrefixTuning(me.num_virtual_tokens, projection=me.prefix_projection or None)
+    return jlora.add_prefix(tree, spec, key=key, config=job.model.handle)
   return tree
 
 

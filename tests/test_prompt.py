@@ -283,3 +283,110 @@ def test_jlora_prefix_saves_and_loads_in_peft(llama, tmp_path):
   with pytest.raises(jlora.TreeError, match="do not fit a cache"):
     llama_forward_cached(jlora.merge(tree), jnp.ones((1, 2), jnp.int32), init_llama_cache(config, 1, 4),
                          config, prefill_prompt=True)
+
+
+# ------------------------------------------------------------------------ prefix with a projection
+
+
+@pytest.fixture(scope="module")
+def peft_projected(llama, tmp_path_factory):
+  """PEFT's prefix_projection=True on the tiny Llama (torch's random init, nothing zero), saved by
+  PEFT, and the same embeddings + MLP as a jlora tree."""
+  d, config, params = llama
+  torch.manual_seed(5)
+  pm = peft.get_peft_model(_torch_llama(d), peft.PrefixTuningConfig(
+      task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True,
+      encoder_hidden_size=24)).eval()
+  enc = pm.prompt_encoder["default"]
+  with torch.no_grad():  # biases away from their init too, so a misplaced bias shows
+    enc.transform[0].bias.normal_(0.0, 0.5)
+    enc.transform[2].bias.normal_(0.0, 0.5)
+  t = lambda x: jnp.asarray(x.detach().numpy())  # noqa: E731
+  kv = (config.num_layers, 2, config.num_kv_heads, config.head_dim)
+  projection = {"w1": t(enc.transform[0].weight.T), "b1": t(enc.transform[0].bias),
+                "w2": t(enc.transform[2].weight.T).reshape(24, *kv), "b2": t(enc.transform[2].bias).reshape(kv)}
+  tree = {**params, "prefix": {"embedding": jlora.FullWeight(t(enc.embedding.weight)),
+                               "projection": {k: jlora.FullWeight(v) for k, v in projection.items()}}}
+  path = tmp_path_factory.mktemp("projected") / "adapter"
+  pm.save_pretrained(path)
+  return path, pm, tree
+
+
+def test_projected_prefix_equals_peft_logits_and_tokens(llama, peft_projected):
+  _, config, params = llama
+  _, pm, tree = peft_projected
+  want = _peft_logits(pm, IDS)
+  got = np.asarray(jax.jit(jlora.lora(llama_forward), static_argnums=2)(tree, jnp.asarray(IDS), config))
+  base = np.asarray(llama_forward(params, jnp.asarray(IDS), config))
+  print(f"\nprojected prefix: max |jlora - PeftModel| = {_max_diff(got, want):.2e}; effect "
+        f"{_max_diff(want, base):.2f}")
+  assert _max_diff(want, base) > 0.05 and _max_diff(got, want) <= TOL
+  prompts = [[1, 5, 9, 3], [1, 40, 2]]
+  ours = generate(tree, config, prompts, max_new_tokens=8, eos_token_ids=())
+  assert not np.array_equal(ours, generate(params, config, prompts, max_new_tokens=8, eos_token_ids=()))
+  for row, prompt in zip(ours, prompts):
+    assert row.tolist() == _peft_generate(pm, prompt, 8)
+
+
+def test_projected_prefix_trains_every_array(llama):
+  _, config, params = llama
+  tree = jlora.add_prefix(params, jlora.PrefixTuning(3, projection=12), key=jax.random.key(3), config=config)
+  shapes = jax.tree.map(jnp.shape, jlora.merge(tree)["prefix"])
+  assert shapes == {"embedding": (3, 16), "projection": {"w1": (16, 12), "b1": (12,), "w2": (12, 2, 2, 2, 8),
+                                                         "b2": (2, 2, 2, 8)}}
+
+  def loss(p):
+    return jnp.sum(llama_forward({**jlora.merge(tree), "prefix": p}, jnp.asarray(IDS), config) ** 2)
+
+  grads = jax.grad(loss)(jlora.merge(tree)["prefix"])
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_projected_prefix_saves_as_peft_does_and_loads_back_direct(llama, peft_projected, tmp_path):
+  _, config, params = llama
+  path, pm, tree = peft_projected
+  out = jlora.save_peft(tmp_path / "adapter", tree, base_model_name_or_path=str(llama[0]))
+  text = [(f / "adapter_config.json").read_text() for f in (path, out)]
+  theirs = "".join(line for line in text[0].splitlines(True) if '"peft_version"' not in line)
+  assert text[1].rstrip("\n") == theirs  # PEFT's text but for the version line (and a final newline)
+  ours = jlora.read_peft_config(out)
+  assert (ours["prefix_projection"], ours["encoder_hidden_size"]) == (True, 24)
+  raw = [(f / "adapter_model.safetensors").read_bytes() for f in (path, out)]
+  head = [r[: 8 + int.from_bytes(r[:8], "little")] for r in raw]
+  assert head[0] == head[1]  # the same header: one tensor, its dtype, shape and offsets
+  a, b = (load_file(f / "adapter_model.safetensors")["prompt_embeddings"] for f in (path, out))
+  print(f"\nprojected prefix save: max |jlora file - PEFT file| = {_max_diff(a, b):.2e}")
+  assert _max_diff(a, b) <= 1e-6  # the projection's output, jax's float32 vs torch's
+  back = jlora.load_peft(path, params)  # the file holds the projected prefix, not the MLP
+  assert set(back["prefix"]) == {"embedding"} and back["prefix"]["embedding"].w.shape == (3, 2, 2, 2, 8)
+  want = _peft_logits(pm, IDS)
+  assert _max_diff(llama_forward(jlora.merge(back), jnp.asarray(IDS), config), want) <= TOL
+  again = peft.PeftModel.from_pretrained(_torch_llama(llama[0]), out).eval()
+  assert _max_diff(_peft_logits(again, IDS), want) <= TOL
+
+
+def test_projected_prefix_checkpoint_keeps_the_mlp(llama, peft_projected, tmp_path):
+  _, config, params = llama
+  _, _, tree = peft_projected
+  saved = jlora.save_adapters(tmp_path / "ckpt", tree)
+  back = jlora.load_adapters(saved, params)  # the plain base: the prefix entry is re-created
+  assert [p for p, _ in jlora.adapted_leaves(back)] == [
+      "prefix/embedding", "prefix/projection/b1", "prefix/projection/b2", "prefix/projection/w1",
+      "prefix/projection/w2"]
+  for (_, x), (_, y) in zip(jlora.adapted_leaves(back), jlora.adapted_leaves(tree)):
+    np.testing.assert_array_equal(x.w, y.w)
+  np.testing.assert_array_equal(llama_forward(jlora.merge(back), jnp.asarray(IDS), config),
+                                llama_forward(jlora.merge(tree), jnp.asarray(IDS), config))
+
+
+def test_bad_prefix_projection_is_a_clear_error(llama):
+  _, config, params = llama
+  with pytest.raises(jlora.SpecError, match="projection must be None"):
+    jlora.PrefixTuning(3, projection=0)
+  tree = jlora.merge(jlora.add_prefix(params, jlora.PrefixTuning(3, projection=8), key=jax.random.key(0),
+                                      config=config))
+  bad = {**tree["prefix"], "projection": {**tree["prefix"]["projection"], "b1": jnp.zeros(7)}}
+  with pytest.raises(jlora.TreeError, match="shapes do not chain"):
+    jlora.project_prefix(bad)
+  with pytest.raises(jlora.TreeError, match="must hold"):
+    jlora.project_prefix({**tree["prefix"], "projection": {"w1": tree["prefix"]["projection"]["w1"]}})

@@ -587,27 +587,34 @@ def test_causal_lm_lowers_perplexity_and_merges(tiny):
   assert isinstance(texts[0]["output"], str)
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_prompt_and_prefix_runs_lower_perplexity_and_reload(tiny, method):
-  """method=prompt|prefix: only the soft prompt / prefix trains; the run reloads for eval and
-  generation (the saved adapter holds it), refuses merging, and is an error on BERT."""
-  cfg = load_config(overrides=_lm_overrides(tiny, f"lm-{method}", **{
+@pytest.mark.parametrize("method, projection", [("prompt", 0), ("prefix", 0), ("prefix", 6)],
+                         ids=["prompt", "prefix", "prefix-projection"])
+def test_prompt_and_prefix_runs_lower_perplexity_and_reload(tiny, method, projection):
+  """method=prompt|prefix: only the soft prompt / prefix (with method.prefix_projection: its
+  embeddings and MLP) trains; the run reloads for eval and generation (the saved adapter holds
+  it), refuses merging, and is an error on BERT."""
+  name = f"lm-{method}{projection or ''}"
+  cfg = load_config(overrides=_lm_overrides(tiny, name, **{
       "method.name": method, "method.num_virtual_tokens": 4, "method.train_also": "[]",
-      "train.lr": 5e-2}))
+      "method.prefix_projection": projection, "train.lr": 5e-2}))
   base = evaluate_run(load_run(cfg=cfg, base=True), "test")
   res = train(cfg, log=_quiet)
   key = "prompt" if method == "prompt" else "prefix"
   assert res.metrics["test"]["perplexity"] < base["perplexity"]
   run = load_run(res.output_dir)
   trained = [p for p, _ in jlora.adapted_leaves(run.tree)]
-  assert trained == [f"{key}/embedding"]
-  width = 32 if method == "prompt" else 2 * 2 * run.model.num_kv_heads * run.model.head_dim
-  assert res.trainable_params == 4 * width
+  kv = run.model.num_kv_heads * run.model.head_dim
+  if projection:  # embeddings (4, K*hd), Linear(K*hd, 6), Linear(6, L*2*K*hd)
+    assert trained == [f"{key}/embedding"] + [f"{key}/projection/{k}" for k in ("b1", "b2", "w1", "w2")]
+    assert res.trainable_params == 4 * kv + (kv * 6 + 6) + (6 + 1) * 2 * 2 * kv
+  else:
+    assert trained == [f"{key}/embedding"]
+    assert res.trainable_params == 4 * (32 if method == "prompt" else 2 * 2 * kv)
   assert evaluate_run(run, "test")["perplexity"] == pytest.approx(res.metrics["test"]["perplexity"],
                                                                   rel=1e-5)
   assert isinstance(predict(run, ["the movie"], max_new_tokens=3, chat=False)[0]["output"], str)
   with pytest.raises(jlora.ConfigError, match="cannot be merged"):
-    merge_run(run, tiny["root"] / f"lm-{method}-merged", overwrite=True)
+    merge_run(run, tiny["root"] / f"{name}-merged", overwrite=True)
   with pytest.raises(jlora.ConfigError, match="needs a Llama-family model"):
     train(load_config(overrides=tiny_cls_overrides(tiny["root"], tiny["bert"], f"bad-{method}",
                                                    **{"method.name": method})), log=_quiet)

@@ -23,6 +23,7 @@ size ``hd``, ``F`` MLP width, ``V`` vocabulary); kernels are ``(in, out)`` like
    "lm_head": {"kernel": (D, V)},          # absent when embeddings are tied
    "prompt": {"embedding": (N, D)},        # optional: a soft prompt (prompt tuning)
    "prefix": {"embedding": (N, L, 2, K, hd)}}  # optional: per-layer keys/values (prefix tuning)
+   # or "prefix": {"embedding": (N, K*hd), "projection": {...}}: a projected prefix
 
 A ``"prompt"`` entry (:func:`jlora.add_prompt`, PEFT's prompt tuning) is the
 model's soft-prompt input: ``N`` embeddings placed before every row's tokens
@@ -36,7 +37,10 @@ A ``"prefix"`` entry (:func:`jlora.add_prefix`, PEFT's prefix tuning) holds
 ``N`` keys and values per layer: layer ``l``'s keys are ``embedding[:, l, 0]``
 and its values ``embedding[:, l, 1]`` (PEFT's flat ``(N, L*2*K*hd)`` reshaped),
 used as they are (no RoPE: they are past keys, as PEFT passes them) in ``N``
-always-attended slots before the tokens, whose positions then start at ``N``.
+always-attended slots before the tokens, whose positions then start at ``N``. A
+prefix with a ``"projection"`` (``PrefixTuning(N, projection=H)``, PEFT's
+``prefix_projection=True``) is read through :func:`jlora.project_prefix`, in
+the forward and in the cache prefill alike.
 
 Module names follow Hugging Face's, so PEFT-style target names (``q_proj``,
 ``v_proj``, ...) mean the same here.
@@ -652,18 +656,22 @@ def _decoder(params, tokens, config: LlamaConfig, **kwargs):
 
 
 def _prefix_of(params, config: LlamaConfig):
-  """The prefix's keys/values ``(L, 2, N, K, hd)`` from ``params["prefix"]["embedding"]``, or None."""
+  """The prefix's keys/values ``(L, 2, N, K, hd)`` from ``params["prefix"]`` (projected if it has a
+  projection, :func:`jlora.project_prefix`), or None."""
   if not isinstance(params, dict) or "prefix" not in params:
     return None
   if "prompt" in params:
     raise TreeError("params hold both a soft prompt and a prefix; use one of them")
+  from jlora._methods.prompt import project_prefix  # noqa: PLC0415 - the methods import the models
+
   p = params["prefix"]
-  emb = p.get("embedding") if isinstance(p, dict) else None
   want = (config.num_layers, 2, config.num_kv_heads, config.head_dim)
+  emb = project_prefix(p) if isinstance(p, dict) and "embedding" in p else None
   if emb is None or jnp.ndim(emb) != 5 or tuple(jnp.shape(emb)[1:]) != want:
     raise TreeError(f"params['prefix'] must be {{'embedding': (N, {', '.join(map(str, want))})}} "
-                    "(N keys and values per layer and kv head: a prefix, jlora.add_prefix), got "
-                    f"{jax.tree.map(jnp.shape, p)}")
+                    "(N keys and values per layer and kv head: a prefix, jlora.add_prefix), or "
+                    f"{{'embedding': (N, {config.num_kv_heads * config.head_dim}), 'projection': ...}} "
+                    f"whose projection gives them; got {jax.tree.map(jnp.shape, p)}")
   return jnp.transpose(emb, (1, 2, 0, 3, 4))
 
 
