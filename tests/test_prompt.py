@@ -390,3 +390,72 @@ def test_bad_prefix_projection_is_a_clear_error(llama):
     jlora.project_prefix(bad)
   with pytest.raises(jlora.TreeError, match="must hold"):
     jlora.project_prefix({**tree["prefix"], "projection": {"w1": tree["prefix"]["projection"]["w1"]}})
+
+
+# ------------------------------------------------------------ prepend_prefix: an HF-style past
+
+
+def _past_model(config):
+  def model(p, ids, mask, past_key_values):
+    return llama_forward(p, ids, config, attention_mask=mask, past_key_values=past_key_values)
+  return model
+
+
+def test_prepend_prefix_passes_hf_layout_past_and_mask():
+  seen = {}
+
+  def fn(p, x, mask, past_key_values):
+    seen["mask"], seen["past"] = mask, past_key_values
+    return x
+
+  kv = jnp.arange(3 * 2 * 2 * 4 * 5, dtype=jnp.float32).reshape(3, 2, 2, 4, 5)  # N, L, 2, K, hd
+  jlora.prepend_prefix(fn)(None, kv, jnp.zeros((6, 7)), jnp.zeros((6, 7), jnp.int32))
+  assert len(seen["past"]) == 2 and all(len(pair) == 2 for pair in seen["past"])
+  for layer, (k, v) in enumerate(seen["past"]):
+    assert k.shape == v.shape == (6, 4, 3, 5)  # B, K, N, hd
+    np.testing.assert_array_equal(k[1], jnp.transpose(kv[:, layer, 0], (1, 0, 2)))
+    np.testing.assert_array_equal(v[5], jnp.transpose(kv[:, layer, 1], (1, 0, 2)))
+  assert seen["mask"].shape == (6, 10) and seen["mask"].dtype == jnp.int32
+  np.testing.assert_array_equal(seen["mask"][:, :3], 1)
+  np.testing.assert_array_equal(seen["mask"][:, 3:], 0)
+  with pytest.raises(jlora.TreeError, match=r"must be \(N, L, 2, K, hd\)"):
+    jlora.prepend_prefix(fn)(None, jnp.ones((3, 2, 4)), jnp.zeros((1, 2)), None)
+
+
+def test_prepend_prefix_gives_peft_logits_with_right_padding(llama, peft_prefix, peft_projected):
+  _, config, params = llama
+  g = jax.jit(jlora.prepend_prefix(_past_model(config)))
+  path, pm = peft_prefix
+  prefix = load_file(path / "adapter_model.safetensors")["prompt_embeddings"].reshape(5, 2, 2, 2, 8)
+  mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])  # right padding
+  want = _peft_logits(pm, IDS, mask)
+  got = np.asarray(g(params, jnp.asarray(prefix), jnp.asarray(IDS), jnp.asarray(mask)))
+  real = mask.astype(bool)
+  print(f"\nprepend_prefix (direct): max |jlora - PeftModel| on real tokens = "
+        f"{_max_diff(got[real], want[real]):.2e}")
+  assert _max_diff(got[real], want[real]) <= TOL
+  _, pm_proj, tree = peft_projected  # a projected prefix entry: projected inside g
+  want = _peft_logits(pm_proj, IDS, mask)
+  got = np.asarray(g(params, jlora.merge(tree)["prefix"], jnp.asarray(IDS), jnp.asarray(mask)))
+  print(f"prepend_prefix (projected): {_max_diff(got[real], want[real]):.2e}")
+  assert _max_diff(got[real], want[real]) <= TOL
+  # left padding: positions from the mask, so the padding changes nothing; PEFT (transformers'
+  # cache position) counts the padding, which is why its left-padded logits differ (documented)
+  left = np.array([[0, 0, 1, 1, 1, 1]])
+  ours = np.asarray(g(params, jnp.asarray(prefix), jnp.asarray(IDS[:1]), jnp.asarray(left)))
+  short = np.asarray(g(params, jnp.asarray(prefix), jnp.asarray(IDS[:1, 2:]), None))
+  assert _max_diff(ours[0, 2:], short[0]) <= 1e-5
+  assert _max_diff(_peft_logits(pm, IDS[:1], left)[0, 2:], ours[0, 2:]) > 1e-3
+
+
+def test_past_key_values_input_errors(llama):
+  _, config, params = llama
+  past = tuple((jnp.zeros((1, 2, 3, 8)), jnp.zeros((1, 2, 3, 8))) for _ in range(2))
+  ids = jnp.asarray(IDS[:1])
+  with pytest.raises(jlora.TreeError, match="covers the past and the tokens"):
+    llama_forward(params, ids, config, attention_mask=jnp.ones((1, 6)), past_key_values=past)
+  with pytest.raises(jlora.TreeError, match="must be 2 \\(key, value\\) pairs"):
+    llama_forward(params, ids, config, past_key_values=past[:1])
+  tree = jlora.merge(jlora.add_prefix(params, jlora.PrefixTuning(3), key=jax.random.key(0), config=config))
+  with pytest.raises(jlora.TreeError, match="pass the prefix one way"):
+    llama_forward(tree, ids, config, past_key_values=past)

@@ -33,7 +33,8 @@ import numpy as np
 from jlora._errors import CheckpointError, SpecError, TreeError
 from jlora._methods.lora import FullWeight
 
-__all__ = ["PromptTuning", "PrefixTuning", "add_prompt", "add_prefix", "prepend_prompt", "project_prefix",
+__all__ = ["PromptTuning", "PrefixTuning", "add_prompt", "add_prefix", "prepend_prompt", "prepend_prefix",
+           "project_prefix",
            "PROMPT_KEY", "PREFIX_KEY"]
 
 #: the params entry that holds the soft prompt: ``params[PROMPT_KEY]["embedding"]``
@@ -336,6 +337,66 @@ def prepend_prompt(fn: Callable[..., Any]) -> Callable[..., Any]:
     mask = jnp.concatenate([jnp.ones((b, prompt.shape[0]), jnp.asarray(attention_mask).dtype),
                             attention_mask], axis=1)
     return fn(params, jnp.concatenate([p, inputs_embeds], axis=1), mask, *args, **kw)
+
+  return g
+
+
+def prepend_prefix(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Prefix tuning for any model that takes Hugging Face-layout ``past_key_values``.
+
+  ``fn(params, inputs, attention_mask, *args, past_key_values=..., **kw)``
+  becomes ``g(params, prefix, inputs, attention_mask, *args, **kw)``, which
+  calls ``fn`` with the prefix's keys and values as ``past_key_values`` and the
+  mask extended by ``N`` ones in front, as PEFT's prefix tuning calls a
+  transformers model:
+
+  * ``prefix`` is a prefix entry (``tree["prefix"]``, from
+    :func:`jlora.add_prefix` or :func:`jlora.load_peft`; projected by
+    :func:`project_prefix` when it has a projection, inside ``g``, so its
+    arrays get gradients) or an array ``(N, L, 2, K, hd)``;
+  * ``past_key_values`` is a tuple of ``L`` ``(key, value)`` pairs, each
+    ``(B, K, N, hd)`` (``B = inputs.shape[0]``), the same for every row;
+  * ``attention_mask`` ``(B, T)`` becomes ``(B, N + T)`` (``None``: all ones).
+
+  ``fn`` owns the rest, positions included. A transformers model places the
+  tokens at ``N .. N + T - 1`` (its cache position), padding counted; a model
+  that derives positions from the mask (``cumsum(mask) - 1``, as
+  :func:`jlora.models.llama.llama_forward` does) gives the same positions for
+  right-padded rows, but not for left-padded ones, whose real tokens it places
+  from ``N`` on (PEFT from ``N`` plus the padding). Tested against PEFT 0.21 on
+  the shipped Llama, whose ``llama_forward`` takes ``past_key_values``, with
+  right padding (``tests/test_prompt.py``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> from jlora.models.llama import LlamaConfig, init_llama, llama_forward
+    >>> cfg = LlamaConfig(64, 32, 64, 2, 4, 2)
+    >>> params = init_llama(cfg, jax.random.key(0))
+    >>> tree = jlora.add_prefix(params, jlora.PrefixTuning(3, projection=8), key=jax.random.key(1), config=cfg)
+    >>> def model(p, ids, mask, past_key_values):  # any model with an HF-style past
+    ...   return llama_forward(p, ids, cfg, attention_mask=mask, past_key_values=past_key_values)
+    >>> ids, mask = jnp.array([[1, 5, 9, 3]]), jnp.ones((1, 4))
+    >>> out = jlora.prepend_prefix(model)(params, jlora.merge(tree)["prefix"], ids, mask)
+    >>> bool(jnp.allclose(out, llama_forward(jlora.merge(tree), ids, cfg), atol=1e-5))
+    True
+  """
+
+  def g(params, prefix, inputs, attention_mask, *args, **kw):
+    kv = project_prefix(prefix) if isinstance(prefix, dict) else jnp.asarray(getattr(prefix, "w", prefix))
+    if kv.ndim != 5 or kv.shape[2] != 2:
+      raise TreeError(f"the prefix's keys and values have shape {tuple(kv.shape)}; they must be "
+                      "(N, L, 2, K, hd) (a prefix entry of jlora.add_prefix, or its array)")
+    b, t = jnp.shape(inputs)[:2]
+    n, layers = kv.shape[:2]
+    kv = jnp.transpose(kv, (1, 2, 3, 0, 4))  # (L, 2, K, N, hd)
+    kv = jnp.broadcast_to(kv[:, :, None], (layers, 2, b) + kv.shape[2:])
+    past = tuple((kv[i, 0], kv[i, 1]) for i in range(layers))
+    if attention_mask is None:
+      mask = jnp.ones((b, n + t), jnp.int32)
+    else:
+      attention_mask = jnp.asarray(attention_mask)
+      mask = jnp.concatenate([jnp.ones((b, n), attention_mask.dtype), attention_mask], axis=1)
+    return fn(params, inputs, mask, *args, past_key_values=past, **kw)
 
   return g
 

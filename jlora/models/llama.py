@@ -339,7 +339,7 @@ def stack_layers(params: dict) -> dict:
 
 def llama_forward(params: dict, tokens: jax.Array, config: LlamaConfig, *,
                   attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                  remat: bool = False) -> jax.Array:
+                  remat: bool = False, past_key_values: Any = None) -> jax.Array:
   """Next-token logits for every position of a batch of token ids.
 
   Args:
@@ -352,6 +352,12 @@ def llama_forward(params: dict, tokens: jax.Array, config: LlamaConfig, *,
       one (``cumsum(mask) - 1``, so left padding does not shift positions).
     remat: recompute each layer's activations in the backward pass (saves memory when
       training).
+    past_key_values: ``N`` earlier keys and values in Hugging Face's layout, a tuple of
+      ``L`` ``(key, value)`` pairs each ``(B, K, N, hd)`` (what :func:`jlora.prepend_prefix`
+      passes; keys already rotated, used as they are). ``attention_mask`` then covers
+      ``N + T`` slots (``(B, N + T)``, as in transformers), derived positions count the
+      real slots before each token (so tokens start at ``N``), and explicit ``positions``
+      are used as given. ``None``: no past.
 
   Returns:
     ``(B, T, V)`` float32 logits; row ``t`` predicts token ``t + 1``.
@@ -366,6 +372,9 @@ def llama_forward(params: dict, tokens: jax.Array, config: LlamaConfig, *,
   """
   tokens = _check_tokens(tokens, config)
   batch, length = tokens.shape
+  if past_key_values is not None:
+    return _forward_with_past(params, tokens, config, past_key_values, attention_mask, positions,
+                              remat)
   pkv = _prefix_of(params, config)
   if pkv is not None:
     return _forward_with_prefix(params, tokens, config, pkv, attention_mask, positions, remat)
@@ -692,6 +701,43 @@ def _forward_with_prefix(params, tokens, config, pkv, attention_mask, positions,
   return logits
 
 
+def _forward_with_past(params, tokens, config, past_key_values, attention_mask, positions, remat):
+  """``llama_forward`` with Hugging Face-layout ``past_key_values`` (see its docstring)."""
+  if isinstance(params, dict) and ({"prompt", "prefix"} & set(params)):
+    raise TreeError("past_key_values and a params['prompt'] / params['prefix'] at once; pass the "
+                    "prefix one way: in the params, or as past_key_values (jlora.prepend_prefix)")
+  batch, length = tokens.shape
+  want = (batch, config.num_kv_heads, None, config.head_dim)
+  pairs = list(past_key_values) if isinstance(past_key_values, (tuple, list)) else None
+  shapes = None if pairs is None else [tuple(jnp.shape(x)) for pair in pairs for x in
+                                       (pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else ())]
+  n = shapes[0][2] if shapes and len(shapes[0]) == 4 else None
+  if (pairs is None or len(pairs) != config.num_layers or len(shapes) != 2 * config.num_layers
+      or any(len(x) != 4 or x != (want[0], want[1], n, want[3]) for x in shapes)):
+    raise TreeError(f"past_key_values must be {config.num_layers} (key, value) pairs, each "
+                    f"(B, K, N, hd) = ({batch}, {config.num_kv_heads}, N, {config.head_dim}) "
+                    f"(Hugging Face's layout), got {shapes if shapes is not None else type(past_key_values)}")
+  # (L, 2, B, N, K, hd): each layer's past keys and values, batched
+  pkv = jnp.stack([jnp.stack([k, v]) for k, v in pairs]).transpose(0, 1, 2, 4, 3, 5)
+  if attention_mask is None:
+    mask = jnp.ones((batch, n + length), bool)
+  else:
+    if jnp.shape(attention_mask) != (batch, n + length):
+      raise TreeError(f"with past_key_values of {n} slots the attention_mask covers the past and the "
+                      f"tokens: ({batch}, {n} + {length}), got {jnp.shape(attention_mask)} (transformers' "
+                      "layout; jlora.prepend_prefix extends the mask)")
+    mask = jnp.asarray(attention_mask).astype(bool)
+  if positions is None:
+    positions = _positions_from_mask(mask, jnp.zeros((batch,), jnp.int32))[:, n:]
+  elif jnp.shape(positions) != tokens.shape:
+    raise TreeError(f"positions has shape {jnp.shape(positions)}, expected {tokens.shape}")
+  q_slots = n + jnp.arange(length, dtype=jnp.int32)
+  logits, _ = _decoder(params, tokens, config, positions=jnp.asarray(positions, jnp.int32),
+                       key_mask=mask, q_slots=q_slots, cache=None, remat=remat,
+                       positions_bound=None, prefix_kv=pkv)
+  return logits
+
+
 def _prompt_of(params, config: LlamaConfig):
   """The soft prompt ``params["prompt"]["embedding"]`` ``(N, D)``, or None."""
   if not isinstance(params, dict) or "prompt" not in params:
@@ -714,7 +760,7 @@ def _decoder_jit(params, tokens, *, config: LlamaConfig, positions, key_mask, q_
     p = jnp.broadcast_to(prefix.astype(dtype)[None], (h.shape[0],) + prefix.shape)
     h = jnp.concatenate([p, h], axis=1)
   batch, length = h.shape[:2]
-  n_kv = 0 if prefix_kv is None else prefix_kv.shape[2]
+  n_kv = 0 if prefix_kv is None else prefix_kv.shape[-3]  # (L, 2, [B,] N, K, hd)
   num_slots = n_kv + length if cache is None else cache[0].shape[2]
   cos, sin = _rope_tables(positions, config, length, positions_bound)
   allowed = _attention_allowed(key_mask, q_slots, num_slots, config)
@@ -730,8 +776,9 @@ def _decoder_jit(params, tokens, *, config: LlamaConfig, positions, key_mask, q_
     q = _apply_rope(q, cos, sin)
     k = _apply_rope(k, cos, sin)
     if pkv is not None:  # prefix tuning: n past keys/values before the tokens', as they are
-      k = jnp.concatenate([jnp.broadcast_to(pkv[0][None], (batch,) + pkv.shape[1:]).astype(k.dtype), k], 1)
-      v = jnp.concatenate([jnp.broadcast_to(pkv[1][None], (batch,) + pkv.shape[1:]).astype(v.dtype), v], 1)
+      pk, pv = (p if p.ndim == 4 else jnp.broadcast_to(p[None], (batch,) + p.shape) for p in (pkv[0], pkv[1]))
+      k = jnp.concatenate([pk.astype(k.dtype), k], 1)
+      v = jnp.concatenate([pv.astype(v.dtype), v], 1)
     if cache_k is not None:
       cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
       cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
