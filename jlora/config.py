@@ -138,7 +138,8 @@ class DataConfig:
       sentence, positions restart, each is pooled alone: the same logits as
       padded rows, with far fewer padding positions: the run logs its share); the
       batches hold the same sentences as unpacked ones. False: one padded row
-      per sentence (cut to the batch's longest with ``bucket``).
+      per sentence (cut to the batch's longest with ``bucket``). ``method.name=prompt``
+      never packs classification rows: every sentence needs its own soft prompt.
     chat_template: instruction: format with the tokenizer's chat template.
     max_train_examples: use at most this many training rows (0: all).
     max_eval_examples: use at most this many validation / test rows (0: all).
@@ -183,8 +184,9 @@ class MethodConfig:
       learned vectors, :class:`jlora.VeRA`), ``adalora`` (SVD-form LoRA whose
       rank budget is re-allocated during training, :class:`jlora.AdaLoRA`),
       ``prompt`` / ``prefix`` (a trained soft prompt / per-layer prefix of
-      ``num_virtual_tokens``, Llama-family models only, :func:`jlora.add_prompt` /
-      :func:`jlora.add_prefix`), ``full`` (every parameter) or ``bitfit`` (every bias).
+      ``num_virtual_tokens``, :func:`jlora.add_prompt` / :func:`jlora.add_prefix`;
+      prompt: Llama and BERT (whose classification runs unpacked rows then),
+      prefix: Llama only), ``full`` (every parameter) or ``bitfit`` (every bias).
     rank: LoRA rank r (AdaLoRA: the initial rank of every module, ``init_r``).
     alpha: LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with
       rslora). 0 (default) means alpha = r, a scale of 1: the default of

@@ -8,7 +8,8 @@ import peft
 import pytest
 import torch
 from safetensors.numpy import load_file
-from test_peft_interop import _max_diff, _torch_llama, llama  # noqa: F401 - module fixture
+from test_peft_interop import _bert_batch, _max_diff, _perturb_copies, _torch_bert, _torch_llama  # noqa: I001
+from test_peft_interop import bert, llama  # noqa: F401 - module fixtures
 
 import jlora
 from jlora.generate import generate
@@ -459,3 +460,92 @@ def test_past_key_values_input_errors(llama):
   tree = jlora.merge(jlora.add_prefix(params, jlora.PrefixTuning(3), key=jax.random.key(0), config=config))
   with pytest.raises(jlora.TreeError, match="pass the prefix one way"):
     llama_forward(tree, ids, config, past_key_values=past)
+
+
+# ----------------------------------------------------------------- prompt tuning on the shipped BERT
+
+
+def _bert_logits(model, tree):
+  ids, mask = _bert_batch()
+  return np.asarray(jax.jit(lambda p, i, m: model.apply({"params": jlora.merge(p)}, i, m))(
+      tree, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+@pytest.fixture(scope="module")
+def jlora_bert(bert):
+  from jlora.models.bert import load_bert
+
+  model, params, _ = load_bert(bert[0], task="classification", with_tokenizer=False)
+  return model, params
+
+
+def test_peft_seq_cls_prompt_imports_with_equal_logits(bert, jlora_bert, tmp_path):
+  import transformers
+
+  model, params = jlora_bert
+  torch.manual_seed(6)
+  pm = peft.get_peft_model(transformers.BertForSequenceClassification.from_pretrained(bert[0]).eval(),
+                           peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)).eval()
+  _perturb_copies(pm, ["classifier"])  # the trained head differs from the base's
+  pm.save_pretrained(tmp_path / "adapter")
+  saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+  assert set(saved) == {"prompt_embeddings", "base_model.classifier.weight", "base_model.classifier.bias"}
+  want = _torch_bert(pm)  # a padded row: PEFT puts ones for the prompt before the mask
+  tree = jlora.load_peft(tmp_path / "adapter", params)
+  assert [p for p, _ in jlora.adapted_leaves(tree)] == ["classifier/bias", "classifier/kernel",
+                                                        "prompt/embedding"]
+  np.testing.assert_array_equal(tree["classifier"]["kernel"].w, saved["base_model.classifier.weight"].T)
+  got = _bert_logits(model, tree)
+  base = _bert_logits(model, params)
+  print(f"\nBERT SEQ_CLS prompt import: max |jlora - PeftModel| = {_max_diff(got, want):.2e}; "
+        f"effect {_max_diff(want, base):.2f}")
+  assert _max_diff(want, base) > 0.05 and _max_diff(got, want) <= TOL
+  head_only = {**tree, "prompt": {"embedding": jnp.zeros((0, 32))}}  # the prompt itself matters too
+  assert _max_diff(_bert_logits(model, head_only), want) > 0.05
+
+
+def test_jlora_bert_prompt_saves_and_loads_in_peft(bert, jlora_bert, tmp_path):
+  import transformers
+
+  model, params = jlora_bert
+  head = params["classifier"]
+  noise = jax.random.normal(jax.random.key(5), head["kernel"].shape)  # a trained head
+  tree = {**params, "classifier": {"kernel": jlora.FullWeight(head["kernel"] + noise),
+                                   "bias": jlora.FullWeight(head["bias"] - 0.5)}}
+  tree = jlora.add_prompt(tree, jlora.PromptTuning(3, init="vocab"), key=jax.random.key(4))
+  out = jlora.save_peft(tmp_path / "adapter", tree)
+  cfg = jlora.read_peft_config(out)
+  assert (cfg["peft_type"], cfg["task_type"], cfg["modules_to_save"]) == ("PROMPT_TUNING", "SEQ_CLS",
+                                                                         ["classifier"])
+  pm = peft.PeftModel.from_pretrained(transformers.BertForSequenceClassification.from_pretrained(bert[0]),
+                                      out).eval()
+  want, got = _torch_bert(pm), _bert_logits(model, tree)
+  print(f"\nBERT SEQ_CLS prompt export: max |PeftModel - jlora| = {_max_diff(got, want):.2e}")
+  assert _max_diff(got, want) <= TOL and _max_diff(got, _bert_logits(model, params)) > 0.05
+  back = jlora.load_peft(out, params)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(jlora.CheckpointError, match="params have no 'classifier'"):
+    jlora.load_peft(out, {k: v for k, v in params.items() if k != "classifier"})
+
+
+def test_bert_prompt_rules(jlora_bert):
+  from jlora.models.bert import BertModel
+
+  model, params = jlora_bert
+  tree = jlora.merge(jlora.add_prompt(params, jlora.PromptTuning(2), key=jax.random.key(0)))
+  ids, mask = (jnp.asarray(a) for a in _bert_batch())
+  enc = BertModel(model.config)
+  body = {k: v for k, v in tree.items() if k != "classifier"}
+  hidden, pooled = enc.apply({"params": body}, ids, mask)
+  assert hidden.shape == ids.shape + (32,)  # the virtual positions are sliced off
+  plain_hidden, _ = enc.apply({"params": {k: v for k, v in body.items() if k != "prompt"}}, ids, mask)
+  assert _max_diff(hidden, plain_hidden) > 0.01
+  with pytest.raises(jlora.ModelError, match="packed rows"):
+    model.apply({"params": tree}, ids, None, None, jnp.zeros_like(ids), segment_ids=jnp.ones_like(ids),
+                pool=jnp.ones((1,) + ids.shape))
+  with pytest.raises(jlora.ModelError, match="pass position_ids=None"):
+    model.apply({"params": tree}, ids, mask, None, jnp.zeros_like(ids))
+  with pytest.raises(jlora.ModelError, match="plus the 20 soft-prompt tokens"):
+    long = jlora.merge(jlora.add_prompt(params, jlora.PromptTuning(20), key=jax.random.key(0)))
+    model.apply({"params": long}, ids, mask)

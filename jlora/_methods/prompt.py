@@ -17,7 +17,10 @@ function decides what it means:
 PEFT's format (``peft_type: "PROMPT_TUNING"``): one tensor ``prompt_embeddings``
 ``(N * num_transformer_submodules, token_dim)`` (``num_transformer_submodules``
 is 1 for decoders), ``num_virtual_tokens``, ``token_dim`` and
-``prompt_tuning_init`` in the config.
+``prompt_tuning_init`` in the config. Sequence classification (``task_type:
+"SEQ_CLS"``) also trains and saves the classification head, as
+``base_model.classifier.weight`` / ``.bias`` (``modules_to_save``); jlora reads
+and writes them as the ``classifier`` leaves.
 """
 
 from __future__ import annotations
@@ -425,12 +428,39 @@ def _check_learned(config: dict, f: str, what: str, required: tuple[str, ...], r
                           f"jlora reads {what} tuning for {reads} (1)")
 
 
-def _the_embeddings(tensors: dict, where: str, what: str) -> np.ndarray:
-  """The one tensor a PEFT prompt / prefix file holds."""
-  if set(tensors) != {"prompt_embeddings"}:
-    raise CheckpointError(f"{where} holds {sorted(tensors)[:4]}; PEFT's {what} tuning holds exactly "
-                          "'prompt_embeddings'")
+def _the_embeddings(tensors: dict, where: str, what: str, extra: tuple[str, ...] = ()) -> np.ndarray:
+  """The one tensor a PEFT prompt / prefix file holds (besides the ``extra`` ones)."""
+  if set(tensors) - set(extra) != {"prompt_embeddings"}:
+    raise CheckpointError(f"{where} holds {sorted(tensors)[:4]}; PEFT's {what} tuning holds "
+                          f"'prompt_embeddings'{' and a classification head' if extra else ''} only")
   return np.asarray(tensors["prompt_embeddings"])
+
+
+#: PEFT's names of a prompt-tuned classifier's head (modules_to_save of SEQ_CLS), and jlora's
+_HEAD = {"base_model.classifier.weight": ("kernel", True), "base_model.classifier.bias": ("bias", False)}
+
+
+def _load_head(tensors: dict, params: Any, where: str) -> Any:
+  """``params`` with PEFT's saved classification head as FullWeight ``classifier`` leaves."""
+  head = {k: v for k, v in tensors.items() if k in _HEAD}
+  if not head:
+    return params
+  cls = params.get("classifier") if isinstance(params, dict) else None
+  if not isinstance(cls, dict):
+    raise CheckpointError(f"{where} holds a classification head ({sorted(head)}, PEFT's SEQ_CLS "
+                          "modules_to_save) but the params have no 'classifier'; load it onto "
+                          "BertForSequenceClassification params (jlora.models.bert.load_bert(..., "
+                          "task='classification'))")
+  out = dict(cls)
+  for key, value in head.items():
+    leaf, transpose = _HEAD[key]
+    value = np.asarray(value).T if transpose else np.asarray(value)
+    if leaf not in cls or tuple(jnp.shape(cls[leaf])) != value.shape:
+      raise CheckpointError(f"{where}: {key} has shape {value.shape} (as jlora's {leaf}), the params' "
+                            f"classifier/{leaf} {jnp.shape(cls[leaf]) if leaf in cls else 'is missing'}; "
+                            "is the adapter for this model (num_labels)?")
+    out[leaf] = FullWeight(jnp.asarray(value, jnp.result_type(cls[leaf])))
+  return {**params, "classifier": out}
 
 
 def _validate(config: dict, f: str) -> None:
@@ -440,7 +470,7 @@ def _validate(config: dict, f: str) -> None:
 def load_prompt(config: dict, tensors: dict, params: Any, where: str) -> Any:
   """PEFT's ``prompt_embeddings`` as ``params["prompt"]`` (a :class:`jlora.FullWeight`)."""
   _validate(config, where)
-  emb = _the_embeddings(tensors, where, "prompt")
+  emb = _the_embeddings(tensors, where, "prompt", extra=tuple(_HEAD))
   n, d = config["num_virtual_tokens"], config["token_dim"]
   if emb.shape != (n, d):
     raise CheckpointError(f"{where}: prompt_embeddings has shape {emb.shape}, the config says "
@@ -451,11 +481,13 @@ def load_prompt(config: dict, tensors: dict, params: Any, where: str) -> Any:
                           f"{table.shape[-1]}; is the adapter for this model?")
   if not isinstance(params, dict) or PROMPT_KEY in params:
     raise CheckpointError(f"{where}: the params already hold a soft prompt (params['prompt'])")
+  params = _load_head(tensors, params, where)
   return {**params, PROMPT_KEY: {"embedding": FullWeight(jnp.asarray(emb, jnp.float32))}}
 
 
 def save_prompt(tree: Any) -> tuple[dict, dict]:
-  """``(config, tensors)`` of PEFT's prompt tuning for a tree whose only trained leaf is the prompt."""
+  """``(config, tensors)`` of PEFT's prompt tuning for a tree whose only trained leaf is the prompt
+  (and, on a classifier, its trained ``classifier`` head: PEFT's SEQ_CLS ``modules_to_save``)."""
   emb = prompt_of(tree)
   if emb is None:
     raise SpecError("the tree holds no soft prompt (params['prompt'], jlora.add_prompt)")
@@ -463,9 +495,19 @@ def save_prompt(tree: Any) -> tuple[dict, dict]:
   some = jax.tree.leaves(layers)
   num_layers = int(some[0].shape[0]) if some and not isinstance(layers, list) else (
       len(layers) if isinstance(layers, list) else None)
+  tensors = {"prompt_embeddings": np.ascontiguousarray(emb.astype(np.float32))}
+  head = tree.get("classifier") if isinstance(tree.get("classifier"), dict) else {}
+  trained = {leaf: x for leaf, x in head.items() if isinstance(x, FullWeight)}
+  for key, (leaf, transpose) in _HEAD.items():
+    if trained and leaf not in trained:
+      raise SpecError(f"the classifier trains {sorted(trained)} but not {leaf!r}; PEFT saves the whole "
+                      "head (modules_to_save): train classifier/kernel and classifier/bias both")
+    if leaf in trained:
+      value = np.asarray(jax.device_get(trained[leaf].w))
+      tensors[key] = np.ascontiguousarray(value.T if transpose else value)
   config = {
       "peft_type": "PROMPT_TUNING",
-      "task_type": "CAUSAL_LM" if "embed_tokens" in tree else None,
+      "task_type": "CAUSAL_LM" if "embed_tokens" in tree else ("SEQ_CLS" if head else None),
       "num_virtual_tokens": int(emb.shape[0]),
       "token_dim": int(emb.shape[1]),
       "num_transformer_submodules": 1,
@@ -476,9 +518,9 @@ def save_prompt(tree: Any) -> tuple[dict, dict]:
       "tokenizer_name_or_path": None,
       "tokenizer_kwargs": None,
       "inference_mode": True,
-      "modules_to_save": None,
+      "modules_to_save": ["classifier"] if trained else None,
   }
-  return config, {"prompt_embeddings": np.ascontiguousarray(emb.astype(np.float32))}
+  return config, tensors
 
 
 def _validate_prefix(config: dict, f: str) -> None:
