@@ -47,6 +47,8 @@ from jlora._methods.prompt import add_prompt as add_prompt
 from jlora._methods.prompt import add_prefix as add_prefix
 from jlora._methods.prompt import PrefixTuning as PrefixTuning
 from jlora._methods.prompt import prepend_prompt as prepend_prompt
+from jlora._methods.prompt import project_prefix as project_prefix
+from jlora._methods.prompt import prepend_prefix as prepend_prefix
 from jlora._methods.dora import DoraWeight as DoraWeight
 from jlora._methods.ia3 import IA3 as IA3
 from jlora._methods.ia3 import IA3Weight as IA3Weight
@@ -106,7 +108,8 @@ __version__ = "0.1.0"
 __all__ = sorted([
     "AdaLoRA", "AdaLoraWeight", "RankAllocatorState", "apply_rank_pattern", "budget_schedule",
     "orthogonal_penalty", "rank_allocator", "PromptTuning", "add_prompt", "prepend_prompt",
-    "PrefixTuning", "add_prefix", "Bottleneck", "BottleneckWeight", "adapter_rules", "from_adapterhub",
+    "PrefixTuning", "add_prefix", "project_prefix", "prepend_prefix",
+    "Bottleneck", "BottleneckWeight", "adapter_rules", "from_adapterhub",
     "Adapter", "AdapterSpec", "Axes", "AxesError", "CheckpointError", "CheckpointManager",
     "ConfigError", "DataError", "DoRA", "DoraWeight", "FetchError", "Full", "FullWeight", "IA3",
     "IA3Weight", "JloraError", "LoRA", "LoraInitWeight", "LoraWeight", "ModelError", "PeftMapping",

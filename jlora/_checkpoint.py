@@ -677,16 +677,24 @@ _LEARNED_INPUTS = ("prompt", "prefix")
 
 
 def _with_learned_inputs(entries: list[dict], params: Any) -> Any:
-  """``params`` plus a placeholder for a saved soft prompt / prefix the plain base lacks."""
+  """``params`` plus placeholders for a saved soft prompt / prefix the plain base lacks.
+
+  Every saved leaf under ``prompt/`` or ``prefix/`` (the embedding, and a prefix projection's
+  ``projection/w1`` ... ``b2``) gets a zero array of its saved shape and dtype at its nested path.
+  """
   if not isinstance(params, dict):
     return params
-  add = {}
+  add: dict = {}
   for e in entries:
     top, _, rest = e["path"].partition("/")
-    if top in _LEARNED_INPUTS and rest == "embedding" and top not in params and e.get("kind") == "full":
+    if top in _LEARNED_INPUTS and rest and top not in params and e.get("kind") == "full":
       info = e.get("arrays", {}).get("w", {})
-      add[top] = {"embedding": np.zeros(tuple(info.get("shape", ())), _parse_dtype(
-          info.get("dtype", "float32"), e["path"]))}
+      node = add.setdefault(top, {})
+      *parents, leaf = rest.split("/")
+      for part in parents:
+        node = node.setdefault(part, {})
+      node[leaf] = np.zeros(tuple(info.get("shape", ())), _parse_dtype(info.get("dtype", "float32"),
+                                                                         e["path"]))
   return {**params, **add} if add else params
 
 

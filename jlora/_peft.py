@@ -153,7 +153,10 @@ def _is_prompt_only(tree: Any) -> str | None:
   key = next((k for k in (PROMPT_KEY, PREFIX_KEY) if isinstance(tree, dict) and k in tree), None)
   if key is None:
     return None
-  others = [p for p, _ in _adapted(tree) if not p.startswith(key + "/")]
+  # a soft prompt trains with a classification head: PEFT's SEQ_CLS modules_to_save
+  head = [p for p, x in _adapted(tree) if key == PROMPT_KEY and p.startswith("classifier/")
+          and x.kind == "full"]
+  others = [p for p, _ in _adapted(tree) if not p.startswith(key + "/") and p not in head]
   if others:
     raise SpecError(f"the tree trains a soft {key} and {others[:3]}; PEFT stores one method per "
                     f"adapter ({key} tuning holds the {key} alone): save the {key} and the other "

@@ -139,7 +139,8 @@ class DataConfig:
       sentence, positions restart, each is pooled alone: the same logits as
       padded rows, with far fewer padding positions: the run logs its share); the
       batches hold the same sentences as unpacked ones. False: one padded row
-      per sentence (cut to the batch's longest with ``bucket``).
+      per sentence (cut to the batch's longest with ``bucket``). ``method.name=prompt``
+      never packs classification rows: every sentence needs its own soft prompt.
     chat_template: instruction: format with the tokenizer's chat template.
     max_train_examples: use at most this many training rows (0: all).
     max_eval_examples: use at most this many validation / test rows (0: all).
@@ -185,8 +186,9 @@ class MethodConfig:
       rank budget is re-allocated during training, :class:`jlora.AdaLoRA`),
       ``adapter`` (bottleneck adapters on the layers' outputs, :class:`jlora.Bottleneck`),
       ``prompt`` / ``prefix`` (a trained soft prompt / per-layer prefix of
-      ``num_virtual_tokens``, Llama-family models only, :func:`jlora.add_prompt` /
-      :func:`jlora.add_prefix`), ``full`` (every parameter) or ``bitfit`` (every bias).
+      ``num_virtual_tokens``, :func:`jlora.add_prompt` / :func:`jlora.add_prefix`;
+      prompt: Llama and BERT (whose classification runs unpacked rows then),
+      prefix: Llama only), ``full`` (every parameter) or ``bitfit`` (every bias).
     rank: LoRA rank r (AdaLoRA: the initial rank of every module, ``init_r``).
     alpha: LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with
       rslora). 0 (default) means alpha = r, a scale of 1: the default of
@@ -219,6 +221,10 @@ class MethodConfig:
     reduction_factor: ``adapter`` only: bottleneck width = hidden size / reduction_factor.
     non_linearity: ``adapter`` only: the bottleneck's activation; null (auto): ``swish``
       for houlsby, ``relu`` for pfeiffer (AdapterHub's configs).
+    prefix_projection: ``prefix`` only: the hidden size ``H`` of PEFT's prefix
+      projection (``prefix_projection=True``, ``encoder_hidden_size=H``: the
+      prefix is an MLP's output, :class:`jlora.PrefixTuning`); 0 (default):
+      the keys and values train directly.
     train_also: modules trained in full besides the method's own parameters
       (PEFT's ``modules_to_save``); any method. null (auto): the
       classification head (``classifier``) for classification, none otherwise.
@@ -240,6 +246,7 @@ class MethodConfig:
   placement: str = "houlsby"
   reduction_factor: float = 16.0
   non_linearity: str | None = None
+  prefix_projection: int = 0
   train_also: list[str] | None = None
 
 
@@ -549,6 +556,10 @@ def validate(cfg: Config) -> None:
   if me.non_linearity is not None:
     from jlora._methods.bottleneck import _ACTS  # noqa: PLC0415
     choice("method.non_linearity", me.non_linearity, _ACTS)
+  positive("method.prefix_projection", me.prefix_projection, zero=True)
+  if me.prefix_projection and me.name != "prefix":
+    raise ConfigError(f"method.prefix_projection={me.prefix_projection} is the hidden size of a prefix's "
+                      f"MLP; it is for method.name=prefix, not {me.name}: drop it or set method.name=prefix.")
   for k in ("tinit_ratio", "tfinal_ratio"):
     if not 0 <= getattr(me, k) < 1:
       raise ConfigError(f"method.{k} must be in [0, 1), got {getattr(me, k)}.")

@@ -236,7 +236,7 @@ def _generate_jit(params, tokens, mask, key, temperature, top_k, top_p, is_eos, 
     forward = functools.partial(lift(llama_forward_cached, strict=False), adapter_ids=adapter_ids)
   # a soft prompt (prompt tuning) or a prefix (prefix tuning): n more slots, written in the prefill
   prompted = next((k for k in ("prompt", "prefix") if isinstance(params, dict) and k in params), None)
-  n = jax.tree.leaves(params[prompted])[0].shape[0] if prompted else 0
+  n = jax.tree.leaves(params[prompted]["embedding"])[0].shape[0] if prompted else 0
   cache = init_llama_cache(config, batch, n + width + steps, dtype)
   sample = functools.partial(_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                              greedy=greedy)

@@ -497,8 +497,8 @@ def _add_learned_input(cfg: Config, tree: Any, job: _Job) -> Any:
   if me.name == "prompt":
     return jlora.add_prompt(tree, jlora.PromptTuning(me.num_virtual_tokens), key=key)
   if me.name == "prefix":
-    return jlora.add_prefix(tree, jlora.PrefixTuning(me.num_virtual_tokens), key=key,
-                            config=job.model.handle)
+    spec = jlora.PrefixTuning(me.num_virtual_tokens, projection=me.prefix_projection or None)
+    return jlora.add_prefix(tree, spec, key=key, config=job.model.handle)
   return tree
 
 
@@ -577,10 +577,11 @@ def build_rules(cfg: Config, params: Any, family: str, *,
         if p not in (r for r, _ in rules):
           rules.append((p, spec))
   elif me.name in ("prompt", "prefix"):  # no kernel rules: train() adds the prompt / prefix
-    if family != "llama":
-      raise ConfigError(f"method.name={me.name} needs a Llama-family model (the shipped decoder's "
-                        f"soft-prompt / prefix input); {cfg.model.name} is {family}: use lora, "
-                        "dora, ia3, vera, adalora, full or bitfit.")
+    if me.name == "prefix" and family != "llama":
+      raise ConfigError(f"method.name=prefix needs a Llama-family model (the shipped decoder's KV-cache "
+                        f"path takes the per-layer prefix); {cfg.model.name} is {family}, whose shipped "
+                        "model has no past keys/values input: use method.name=prompt (a soft prompt, "
+                        "which BERT reads) or lora, dora, ia3, vera, adalora, full or bitfit.")
   elif me.name == "full":
     rules += [(p, jlora.Full()) for p in paths
               if p not in also_paths and jnp.issubdtype(leaves[p].dtype, jnp.floating)]
@@ -1308,8 +1309,10 @@ def _train_batches(cfg: Config, feats: dict[str, np.ndarray], epoch: int, start:
 
 
 def _packs(cfg: Config, family: str) -> bool:
-  """Classification on an encoder with data.pack: sentences packed into full rows."""
-  return cfg.data.pack and cfg.data.task == "classification" and family == "bert"
+  """Classification on an encoder with data.pack: sentences packed into full rows (not with a
+  soft prompt: every sentence needs its own, so method=prompt runs one padded row per sentence)."""
+  return (cfg.data.pack and cfg.data.task == "classification" and family == "bert"
+          and cfg.method.name != "prompt")
 
 
 class _Packer:
@@ -1485,7 +1488,7 @@ def _evaluate(eval_fn, trainable, frozen, feats: dict[str, np.ndarray], cfg: Con
   bucket = cfg.data.bucket and task != "causal_lm"
   loss_sum, count = 0.0, 0.0
   probs, labels = [], []
-  if task == "classification" and cfg.data.pack and "adapter_ids" not in feats:
+  if _packs(cfg, "bert") and "adapter_ids" not in feats:  # classification is BERT's task
     it = _packed_eval_batches(feats, cfg.train.eval_batch_size, cfg.data.max_length,
                               cfg.model.pooling)
   else:

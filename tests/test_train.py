@@ -621,30 +621,60 @@ def test_causal_lm_lowers_perplexity_and_merges(tiny):
   assert isinstance(texts[0]["output"], str)
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_prompt_and_prefix_runs_lower_perplexity_and_reload(tiny, method):
-  """method=prompt|prefix: only the soft prompt / prefix trains; the run reloads for eval and
-  generation (the saved adapter holds it), refuses merging, and is an error on BERT."""
-  cfg = load_config(overrides=_lm_overrides(tiny, f"lm-{method}", **{
+@pytest.mark.parametrize("method, projection", [("prompt", 0), ("prefix", 0), ("prefix", 6)],
+                         ids=["prompt", "prefix", "prefix-projection"])
+def test_prompt_and_prefix_runs_lower_perplexity_and_reload(tiny, method, projection):
+  """method=prompt|prefix: only the soft prompt / prefix (with method.prefix_projection: its
+  embeddings and MLP) trains; the run reloads for eval and generation (the saved adapter holds
+  it), refuses merging, and is an error on BERT."""
+  name = f"lm-{method}{projection or ''}"
+  cfg = load_config(overrides=_lm_overrides(tiny, name, **{
       "method.name": method, "method.num_virtual_tokens": 4, "method.train_also": "[]",
-      "train.lr": 5e-2}))
+      "method.prefix_projection": projection, "train.lr": 5e-2}))
   base = evaluate_run(load_run(cfg=cfg, base=True), "test")
   res = train(cfg, log=_quiet)
   key = "prompt" if method == "prompt" else "prefix"
   assert res.metrics["test"]["perplexity"] < base["perplexity"]
   run = load_run(res.output_dir)
   trained = [p for p, _ in jlora.adapted_leaves(run.tree)]
-  assert trained == [f"{key}/embedding"]
-  width = 32 if method == "prompt" else 2 * 2 * run.model.num_kv_heads * run.model.head_dim
-  assert res.trainable_params == 4 * width
+  kv = run.model.num_kv_heads * run.model.head_dim
+  if projection:  # embeddings (4, K*hd), Linear(K*hd, 6), Linear(6, L*2*K*hd)
+    assert trained == [f"{key}/embedding"] + [f"{key}/projection/{k}" for k in ("b1", "b2", "w1", "w2")]
+    assert res.trainable_params == 4 * kv + (kv * 6 + 6) + (6 + 1) * 2 * 2 * kv
+  else:
+    assert trained == [f"{key}/embedding"]
+    assert res.trainable_params == 4 * (32 if method == "prompt" else 2 * 2 * kv)
   assert evaluate_run(run, "test")["perplexity"] == pytest.approx(res.metrics["test"]["perplexity"],
                                                                   rel=1e-5)
   assert isinstance(predict(run, ["the movie"], max_new_tokens=3, chat=False)[0]["output"], str)
   with pytest.raises(jlora.ConfigError, match="cannot be merged"):
-    merge_run(run, tiny["root"] / f"lm-{method}-merged", overwrite=True)
-  with pytest.raises(jlora.ConfigError, match="needs a Llama-family model"):
-    train(load_config(overrides=tiny_cls_overrides(tiny["root"], tiny["bert"], f"bad-{method}",
-                                                   **{"method.name": method})), log=_quiet)
+    merge_run(run, tiny["root"] / f"{name}-merged", overwrite=True)
+  if method == "prefix":  # BERT takes a soft prompt (test_prompt_tuning_on_bert_...), not a prefix
+    with pytest.raises(jlora.ConfigError, match="needs a Llama-family model.*method.name=prompt"):
+      train(load_config(overrides=tiny_cls_overrides(tiny["root"], tiny["bert"], f"bad-{method}",
+                                                     **{"method.name": method})), log=_quiet)
+
+
+def test_prompt_tuning_on_bert_trains_unpacked_reloads_and_evaluates_equal(tiny):
+  """method=prompt on the tiny BERT: the soft prompt and the head train on unpacked rows (every
+  sentence needs its own prompt, though data.pack is on), and the saved run evaluates equal."""
+  lines = []
+  cfg = load_config(overrides=tiny_cls_overrides(tiny["root"], tiny["bert"], "bert-prompt", **{
+      "method.name": "prompt", "method.num_virtual_tokens": 4, "train.max_steps": 40,
+      "train.lr": 5e-2, "data.pack": True}))
+  res = train(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+  assert not any("packed batches" in line for line in lines)
+  recs = [json.loads(line) for line in (res.output_dir / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in recs if r["split"] == "train"]
+  assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
+  run = load_run(res.output_dir)
+  assert [p for p, _ in jlora.adapted_leaves(run.tree)] == ["classifier/bias", "classifier/kernel",
+                                                            "prompt/embedding"]
+  assert res.trainable_params == 4 * 16 + (16 * 2 + 2)
+  again = evaluate_run(run, "test")
+  for k in ("loss", "accuracy"):
+    assert again[k] == pytest.approx(res.metrics["test"][k], rel=1e-5)
+  assert predict(run, ["good film"])[0]["label"] in (0, 1)
 
 
 def test_grad_accum_with_token_weighting_on_lm(tiny):

@@ -17,7 +17,10 @@ function decides what it means:
 PEFT's format (``peft_type: "PROMPT_TUNING"``): one tensor ``prompt_embeddings``
 ``(N * num_transformer_submodules, token_dim)`` (``num_transformer_submodules``
 is 1 for decoders), ``num_virtual_tokens``, ``token_dim`` and
-``prompt_tuning_init`` in the config.
+``prompt_tuning_init`` in the config. Sequence classification (``task_type:
+"SEQ_CLS"``) also trains and saves the classification head, as
+``base_model.classifier.weight`` / ``.bias`` (``modules_to_save``); jlora reads
+and writes them as the ``classifier`` leaves.
 """
 
 from __future__ import annotations
@@ -33,13 +36,17 @@ import numpy as np
 from jlora._errors import CheckpointError, SpecError, TreeError
 from jlora._methods.lora import FullWeight
 
-__all__ = ["PromptTuning", "PrefixTuning", "add_prompt", "add_prefix", "prepend_prompt", "PROMPT_KEY",
-           "PREFIX_KEY"]
+__all__ = ["PromptTuning", "PrefixTuning", "add_prompt", "add_prefix", "prepend_prompt", "prepend_prefix",
+           "project_prefix",
+           "PROMPT_KEY", "PREFIX_KEY"]
 
 #: the params entry that holds the soft prompt: ``params[PROMPT_KEY]["embedding"]``
 PROMPT_KEY = "prompt"
-#: the params entry that holds a prefix: ``params[PREFIX_KEY]["embedding"]`` ``(N, L, 2, K, hd)``
+#: the params entry that holds a prefix: ``params[PREFIX_KEY]["embedding"]`` ``(N, L, 2, K, hd)``, or
+#: ``(N, K*hd)`` plus ``params[PREFIX_KEY]["projection"]`` (:func:`project_prefix`)
 PREFIX_KEY = "prefix"
+#: the leaves of a prefix projection (PEFT's ``prefix_projection=True`` MLP)
+_PROJECTION = ("w1", "b1", "w2", "b2")
 _INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 #: where each shipped family keeps its token embeddings
 _EMBEDDINGS = (("embed_tokens", "embedding"), ("embeddings", "word_embeddings", "embedding"))
@@ -159,43 +166,62 @@ def add_prompt(params: Any, spec: PromptTuning, *, key: jax.Array,
 
 @dataclasses.dataclass(frozen=True)
 class PrefixTuning:
-  """The spec of a prefix (PEFT's ``PrefixTuningConfig`` without ``prefix_projection``).
+  """The spec of a prefix (PEFT's ``PrefixTuningConfig``).
 
   ``N`` trained keys and values per layer, which every token attends to as if
-  they were ``N`` earlier tokens (Li & Liang, 2021). Initialised ``N(0, 1)``
-  (torch's ``nn.Embedding``, as PEFT).
+  they were ``N`` earlier tokens (Li & Liang, 2021).
 
   Attributes:
     num_virtual_tokens: ``N``.
+    projection: ``None`` (default): the keys and values are trained directly,
+      initialised ``N(0, 1)`` (torch's ``nn.Embedding``, as PEFT). An int
+      ``H``: PEFT's ``prefix_projection=True`` with ``encoder_hidden_size=H``:
+      ``N`` embeddings of width ``K * hd`` go through a two-layer MLP
+      (``Linear(K*hd, H)``, ``tanh``, ``Linear(H, L*2*K*hd)``) that gives the
+      keys and values (:func:`project_prefix`); the embeddings and the MLP
+      train, and only the MLP's output is what the model reads.
 
   Example:
     >>> import jlora
-    >>> jlora.PrefixTuning(10).num_virtual_tokens
-    10
+    >>> jlora.PrefixTuning(10).num_virtual_tokens, jlora.PrefixTuning(10, projection=64).projection
+    (10, 64)
   """
 
   num_virtual_tokens: int
+  projection: int | None = None
 
   def __post_init__(self):
     n = self.num_virtual_tokens
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
       raise SpecError(f"PrefixTuning num_virtual_tokens must be a positive integer, got {n!r}")
     object.__setattr__(self, "num_virtual_tokens", int(n))
+    h = self.projection
+    if h is not None:
+      if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
+        raise SpecError(f"PrefixTuning projection must be None (no projection) or the MLP's hidden "
+                        f"size, a positive integer (PEFT's encoder_hidden_size), got {h!r}")
+      object.__setattr__(self, "projection", int(h))
 
 
 def add_prefix(params: Any, spec: PrefixTuning, *, key: jax.Array, config: Any) -> Any:
-  """A copy of ``params`` with a trainable prefix at ``params["prefix"]["embedding"]``.
+  """A copy of ``params`` with a trainable prefix at ``params["prefix"]``.
 
-  The prefix is a :class:`jlora.FullWeight` of shape ``(N, L, 2, K, hd)``:
-  per layer ``N`` keys and ``N`` values for every key/value head (see
-  :mod:`jlora.models.llama`), read by :func:`jlora.models.llama.llama_forward`
-  and written to the KV cache by :func:`jlora.generate.generate`. ``params``
-  is not modified.
+  Without a projection the prefix is ``{"embedding": (N, L, 2, K, hd)}``: per
+  layer ``N`` keys and ``N`` values for every key/value head (see
+  :mod:`jlora.models.llama`). With ``spec.projection=H`` it is
+  ``{"embedding": (N, K*hd), "projection": {"w1": (K*hd, H), "b1": (H,),
+  "w2": (H, L, 2, K, hd), "b2": (L, 2, K, hd)}}``, initialised as torch
+  initialises PEFT's ``PrefixEncoder`` (embedding ``N(0, 1)``, each Linear
+  ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``), and :func:`project_prefix` maps it to
+  the keys and values. Every array is a :class:`jlora.FullWeight`.
+  :func:`jlora.models.llama.llama_forward` reads either, and
+  :func:`jlora.generate.generate` writes it to the KV cache. ``params`` is not
+  modified.
 
   Args:
     params: a Llama params tree (plain or wrapped).
     spec: a :class:`PrefixTuning`.
-    key: PRNG key of the ``N(0, 1)`` init.
+    key: PRNG key of the init.
     config: the model's :class:`jlora.models.llama.LlamaConfig` (layers, kv heads, head size).
 
   Raises:
@@ -208,6 +234,9 @@ def add_prefix(params: Any, spec: PrefixTuning, *, key: jax.Array, config: Any) 
     >>> params = init_llama(cfg, jax.random.key(0))
     >>> jlora.add_prefix(params, jlora.PrefixTuning(3), key=jax.random.key(1), config=cfg)["prefix"]["embedding"].w.shape
     (3, 2, 2, 2, 8)
+    >>> tree = jlora.add_prefix(params, jlora.PrefixTuning(3, projection=20), key=jax.random.key(1), config=cfg)
+    >>> tree["prefix"]["embedding"].w.shape, tree["prefix"]["projection"]["w2"].w.shape
+    ((3, 16), (20, 2, 2, 2, 8))
   """
   if not isinstance(spec, PrefixTuning):
     raise SpecError(f"add_prefix takes a jlora.PrefixTuning, got {type(spec).__name__}")
@@ -216,8 +245,72 @@ def add_prefix(params: Any, spec: PrefixTuning, *, key: jax.Array, config: Any) 
                     "prefix tuning needs the shipped decoder, whose KV cache path takes the prefix")
   if PREFIX_KEY in params or PROMPT_KEY in params:
     raise TreeError("the params already hold a soft prompt or a prefix; remove it first")
-  shape = (spec.num_virtual_tokens, config.num_layers, 2, config.num_kv_heads, config.head_dim)
-  return {**params, PREFIX_KEY: {"embedding": FullWeight(jax.random.normal(key, shape, jnp.float32))}}
+  n, kv = spec.num_virtual_tokens, (config.num_layers, 2, config.num_kv_heads, config.head_dim)
+  if spec.projection is None:
+    return {**params, PREFIX_KEY: {"embedding": FullWeight(jax.random.normal(key, (n, *kv), jnp.float32))}}
+  width, hidden = config.num_kv_heads * config.head_dim, spec.projection
+  k_emb, k_w1, k_b1, k_w2, k_b2 = jax.random.split(key, 5)
+
+  def linear(k, shape, fan_in):  # torch.nn.Linear's init of weight and bias
+    bound = 1.0 / math.sqrt(fan_in)
+    return FullWeight(jax.random.uniform(k, shape, jnp.float32, -bound, bound))
+
+  projection = {"w1": linear(k_w1, (width, hidden), width), "b1": linear(k_b1, (hidden,), width),
+                "w2": linear(k_w2, (hidden, *kv), hidden), "b2": linear(k_b2, kv, hidden)}
+  return {**params, PREFIX_KEY: {"embedding": FullWeight(jax.random.normal(k_emb, (n, width), jnp.float32)),
+                                 "projection": projection}}
+
+
+def project_prefix(prefix: Any) -> jax.Array:
+  """The keys and values ``(N, L, 2, K, hd)`` a prefix entry (``params["prefix"]``) stands for.
+
+  A direct prefix ``{"embedding": (N, L, 2, K, hd)}`` is returned as it is. A
+  projected one (``PrefixTuning(N, projection=H)``) is
+  ``tanh(embedding @ w1 + b1) @ w2 + b2``, PEFT's ``PrefixEncoder`` with
+  ``prefix_projection=True``, computed where the model reads it, so the
+  embeddings and the MLP all get gradients. Leaves may be arrays or
+  :class:`jlora.FullWeight` (their values are used).
+
+  Args:
+    prefix: ``params["prefix"]``.
+
+  Returns:
+    ``(N, L, 2, K, hd)``: layer ``l``'s ``N`` keys are ``[:, l, 0]``, its values ``[:, l, 1]``.
+
+  Raises:
+    TreeError: not a prefix entry, or the projection's shapes do not chain.
+
+  Example:
+    >>> import jax, jlora
+    >>> from jlora.models.llama import LlamaConfig, init_llama
+    >>> cfg = LlamaConfig(64, 32, 64, 2, 4, 2)
+    >>> tree = jlora.add_prefix(init_llama(cfg, jax.random.key(0)), jlora.PrefixTuning(3, projection=20),
+    ...                         key=jax.random.key(1), config=cfg)
+    >>> jlora.project_prefix(tree["prefix"]).shape
+    (3, 2, 2, 2, 8)
+  """
+  value = lambda x: getattr(x, "w", x)  # noqa: E731 - a FullWeight's array, or the array
+  emb = value(prefix.get("embedding")) if isinstance(prefix, dict) else None
+  if emb is None:
+    raise TreeError("a prefix is {'embedding': ..., ['projection': {...}]} (params['prefix'], "
+                    f"jlora.add_prefix), got {type(prefix).__name__}")
+  if "projection" not in prefix:
+    return emb
+  proj = prefix["projection"]
+  if not isinstance(proj, dict) or set(proj) != set(_PROJECTION):
+    raise TreeError(f"params['prefix']['projection'] must hold {list(_PROJECTION)} (jlora.add_prefix "
+                    f"with PrefixTuning(projection=H)), got {sorted(proj) if isinstance(proj, dict) else proj}")
+  w1, b1, w2, b2 = (value(proj[k]) for k in _PROJECTION)
+  shapes = tuple(tuple(jnp.shape(x)) for x in (emb, w1, b1, w2, b2))
+  ok = (len(shapes[0]) == 2 and len(shapes[1]) == 2 and shapes[1][0] == shapes[0][1]
+        and shapes[2] == (shapes[1][1],) and len(shapes[3]) == 5 and shapes[3][0] == shapes[1][1]
+        and shapes[4] == shapes[3][1:])
+  if not ok:
+    raise TreeError(f"the prefix projection's shapes do not chain: embedding {shapes[0]}, w1 {shapes[1]}, "
+                    f"b1 {shapes[2]}, w2 {shapes[3]}, b2 {shapes[4]}; they must be (N, E), (E, H), (H,), "
+                    "(H, L, 2, K, hd), (L, 2, K, hd)")
+  hidden = jnp.tanh(emb @ w1 + b1)
+  return jnp.tensordot(hidden, w2, axes=1) + b2
 
 
 def prepend_prompt(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -251,6 +344,66 @@ def prepend_prompt(fn: Callable[..., Any]) -> Callable[..., Any]:
   return g
 
 
+def prepend_prefix(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Prefix tuning for any model that takes Hugging Face-layout ``past_key_values``.
+
+  ``fn(params, inputs, attention_mask, *args, past_key_values=..., **kw)``
+  becomes ``g(params, prefix, inputs, attention_mask, *args, **kw)``, which
+  calls ``fn`` with the prefix's keys and values as ``past_key_values`` and the
+  mask extended by ``N`` ones in front, as PEFT's prefix tuning calls a
+  transformers model:
+
+  * ``prefix`` is a prefix entry (``tree["prefix"]``, from
+    :func:`jlora.add_prefix` or :func:`jlora.load_peft`; projected by
+    :func:`project_prefix` when it has a projection, inside ``g``, so its
+    arrays get gradients) or an array ``(N, L, 2, K, hd)``;
+  * ``past_key_values`` is a tuple of ``L`` ``(key, value)`` pairs, each
+    ``(B, K, N, hd)`` (``B = inputs.shape[0]``), the same for every row;
+  * ``attention_mask`` ``(B, T)`` becomes ``(B, N + T)`` (``None``: all ones).
+
+  ``fn`` owns the rest, positions included. A transformers model places the
+  tokens at ``N .. N + T - 1`` (its cache position), padding counted; a model
+  that derives positions from the mask (``cumsum(mask) - 1``, as
+  :func:`jlora.models.llama.llama_forward` does) gives the same positions for
+  right-padded rows, but not for left-padded ones, whose real tokens it places
+  from ``N`` on (PEFT from ``N`` plus the padding). Tested against PEFT 0.21 on
+  the shipped Llama, whose ``llama_forward`` takes ``past_key_values``, with
+  right padding (``tests/test_prompt.py``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> from jlora.models.llama import LlamaConfig, init_llama, llama_forward
+    >>> cfg = LlamaConfig(64, 32, 64, 2, 4, 2)
+    >>> params = init_llama(cfg, jax.random.key(0))
+    >>> tree = jlora.add_prefix(params, jlora.PrefixTuning(3, projection=8), key=jax.random.key(1), config=cfg)
+    >>> def model(p, ids, mask, past_key_values):  # any model with an HF-style past
+    ...   return llama_forward(p, ids, cfg, attention_mask=mask, past_key_values=past_key_values)
+    >>> ids, mask = jnp.array([[1, 5, 9, 3]]), jnp.ones((1, 4))
+    >>> out = jlora.prepend_prefix(model)(params, jlora.merge(tree)["prefix"], ids, mask)
+    >>> bool(jnp.allclose(out, llama_forward(jlora.merge(tree), ids, cfg), atol=1e-5))
+    True
+  """
+
+  def g(params, prefix, inputs, attention_mask, *args, **kw):
+    kv = project_prefix(prefix) if isinstance(prefix, dict) else jnp.asarray(getattr(prefix, "w", prefix))
+    if kv.ndim != 5 or kv.shape[2] != 2:
+      raise TreeError(f"the prefix's keys and values have shape {tuple(kv.shape)}; they must be "
+                      "(N, L, 2, K, hd) (a prefix entry of jlora.add_prefix, or its array)")
+    b, t = jnp.shape(inputs)[:2]
+    n, layers = kv.shape[:2]
+    kv = jnp.transpose(kv, (1, 2, 3, 0, 4))  # (L, 2, K, N, hd)
+    kv = jnp.broadcast_to(kv[:, :, None], (layers, 2, b) + kv.shape[2:])
+    past = tuple((kv[i, 0], kv[i, 1]) for i in range(layers))
+    if attention_mask is None:
+      mask = jnp.ones((b, n + t), jnp.int32)
+    else:
+      attention_mask = jnp.asarray(attention_mask)
+      mask = jnp.concatenate([jnp.ones((b, n), attention_mask.dtype), attention_mask], axis=1)
+    return fn(params, inputs, mask, *args, past_key_values=past, **kw)
+
+  return g
+
+
 def prompt_of(tree: Any, key: str = PROMPT_KEY):
   """The tree's soft prompt (``key=PREFIX_KEY``: prefix) as a host array, or None."""
   if not isinstance(tree, dict) or key not in tree:
@@ -275,12 +428,39 @@ def _check_learned(config: dict, f: str, what: str, required: tuple[str, ...], r
                           f"jlora reads {what} tuning for {reads} (1)")
 
 
-def _the_embeddings(tensors: dict, where: str, what: str) -> np.ndarray:
-  """The one tensor a PEFT prompt / prefix file holds."""
-  if set(tensors) != {"prompt_embeddings"}:
-    raise CheckpointError(f"{where} holds {sorted(tensors)[:4]}; PEFT's {what} tuning holds exactly "
-                          "'prompt_embeddings'")
+def _the_embeddings(tensors: dict, where: str, what: str, extra: tuple[str, ...] = ()) -> np.ndarray:
+  """The one tensor a PEFT prompt / prefix file holds (besides the ``extra`` ones)."""
+  if set(tensors) - set(extra) != {"prompt_embeddings"}:
+    raise CheckpointError(f"{where} holds {sorted(tensors)[:4]}; PEFT's {what} tuning holds "
+                          f"'prompt_embeddings'{' and a classification head' if extra else ''} only")
   return np.asarray(tensors["prompt_embeddings"])
+
+
+#: PEFT's names of a prompt-tuned classifier's head (modules_to_save of SEQ_CLS), and jlora's
+_HEAD = {"base_model.classifier.weight": ("kernel", True), "base_model.classifier.bias": ("bias", False)}
+
+
+def _load_head(tensors: dict, params: Any, where: str) -> Any:
+  """``params`` with PEFT's saved classification head as FullWeight ``classifier`` leaves."""
+  head = {k: v for k, v in tensors.items() if k in _HEAD}
+  if not head:
+    return params
+  cls = params.get("classifier") if isinstance(params, dict) else None
+  if not isinstance(cls, dict):
+    raise CheckpointError(f"{where} holds a classification head ({sorted(head)}, PEFT's SEQ_CLS "
+                          "modules_to_save) but the params have no 'classifier'; load it onto "
+                          "BertForSequenceClassification params (jlora.models.bert.load_bert(..., "
+                          "task='classification'))")
+  out = dict(cls)
+  for key, value in head.items():
+    leaf, transpose = _HEAD[key]
+    value = np.asarray(value).T if transpose else np.asarray(value)
+    if leaf not in cls or tuple(jnp.shape(cls[leaf])) != value.shape:
+      raise CheckpointError(f"{where}: {key} has shape {value.shape} (as jlora's {leaf}), the params' "
+                            f"classifier/{leaf} {jnp.shape(cls[leaf]) if leaf in cls else 'is missing'}; "
+                            "is the adapter for this model (num_labels)?")
+    out[leaf] = FullWeight(jnp.asarray(value, jnp.result_type(cls[leaf])))
+  return {**params, "classifier": out}
 
 
 def _validate(config: dict, f: str) -> None:
@@ -290,7 +470,7 @@ def _validate(config: dict, f: str) -> None:
 def load_prompt(config: dict, tensors: dict, params: Any, where: str) -> Any:
   """PEFT's ``prompt_embeddings`` as ``params["prompt"]`` (a :class:`jlora.FullWeight`)."""
   _validate(config, where)
-  emb = _the_embeddings(tensors, where, "prompt")
+  emb = _the_embeddings(tensors, where, "prompt", extra=tuple(_HEAD))
   n, d = config["num_virtual_tokens"], config["token_dim"]
   if emb.shape != (n, d):
     raise CheckpointError(f"{where}: prompt_embeddings has shape {emb.shape}, the config says "
@@ -301,11 +481,13 @@ def load_prompt(config: dict, tensors: dict, params: Any, where: str) -> Any:
                           f"{table.shape[-1]}; is the adapter for this model?")
   if not isinstance(params, dict) or PROMPT_KEY in params:
     raise CheckpointError(f"{where}: the params already hold a soft prompt (params['prompt'])")
+  params = _load_head(tensors, params, where)
   return {**params, PROMPT_KEY: {"embedding": FullWeight(jnp.asarray(emb, jnp.float32))}}
 
 
 def save_prompt(tree: Any) -> tuple[dict, dict]:
-  """``(config, tensors)`` of PEFT's prompt tuning for a tree whose only trained leaf is the prompt."""
+  """``(config, tensors)`` of PEFT's prompt tuning for a tree whose only trained leaf is the prompt
+  (and, on a classifier, its trained ``classifier`` head: PEFT's SEQ_CLS ``modules_to_save``)."""
   emb = prompt_of(tree)
   if emb is None:
     raise SpecError("the tree holds no soft prompt (params['prompt'], jlora.add_prompt)")
@@ -313,9 +495,19 @@ def save_prompt(tree: Any) -> tuple[dict, dict]:
   some = jax.tree.leaves(layers)
   num_layers = int(some[0].shape[0]) if some and not isinstance(layers, list) else (
       len(layers) if isinstance(layers, list) else None)
+  tensors = {"prompt_embeddings": np.ascontiguousarray(emb.astype(np.float32))}
+  head = tree.get("classifier") if isinstance(tree.get("classifier"), dict) else {}
+  trained = {leaf: x for leaf, x in head.items() if isinstance(x, FullWeight)}
+  for key, (leaf, transpose) in _HEAD.items():
+    if trained and leaf not in trained:
+      raise SpecError(f"the classifier trains {sorted(trained)} but not {leaf!r}; PEFT saves the whole "
+                      "head (modules_to_save): train classifier/kernel and classifier/bias both")
+    if leaf in trained:
+      value = np.asarray(jax.device_get(trained[leaf].w))
+      tensors[key] = np.ascontiguousarray(value.T if transpose else value)
   config = {
       "peft_type": "PROMPT_TUNING",
-      "task_type": "CAUSAL_LM" if "embed_tokens" in tree else None,
+      "task_type": "CAUSAL_LM" if "embed_tokens" in tree else ("SEQ_CLS" if head else None),
       "num_virtual_tokens": int(emb.shape[0]),
       "token_dim": int(emb.shape[1]),
       "num_transformer_submodules": 1,
@@ -326,9 +518,9 @@ def save_prompt(tree: Any) -> tuple[dict, dict]:
       "tokenizer_name_or_path": None,
       "tokenizer_kwargs": None,
       "inference_mode": True,
-      "modules_to_save": None,
+      "modules_to_save": ["classifier"] if trained else None,
   }
-  return config, {"prompt_embeddings": np.ascontiguousarray(emb.astype(np.float32))}
+  return config, tensors
 
 
 def _validate_prefix(config: dict, f: str) -> None:
@@ -367,21 +559,35 @@ def load_prefix(config: dict, tensors: dict, params: Any, where: str) -> Any:
 
 
 def save_prefix(tree: Any) -> tuple[dict, dict]:
-  emb = prompt_of(tree, PREFIX_KEY)
-  if emb is None or emb.ndim != 5 or emb.shape[2] != 2:
-    raise SpecError(f"the prefix has shape {None if emb is None else emb.shape}; it must be "
-                    "(N, L, 2, K, hd) (jlora.add_prefix)")
+  """``(config, tensors)`` of PEFT's prefix tuning: the keys and values, flat ``(N, L*2*K*hd)``.
+
+  A projected prefix is written as PEFT saves one: its projection's output
+  (:func:`project_prefix`) with ``prefix_projection: true`` and
+  ``encoder_hidden_size: H``; the MLP itself is not in the file.
+  """
+  prefix = tree.get(PREFIX_KEY) if isinstance(tree, dict) else None
+  if prefix is None:
+    raise SpecError("the tree holds no prefix (params['prefix'], jlora.add_prefix)")
+  emb = np.asarray(jax.device_get(project_prefix(prefix)))
+  if emb.ndim != 5 or emb.shape[2] != 2:
+    raise SpecError(f"the prefix has shape {emb.shape}; it must be (N, L, 2, K, hd) (jlora.add_prefix)")
   n, layers, _, heads, hd = emb.shape
+  projected = "projection" in prefix
+  hidden = int(jnp.shape(getattr(prefix["projection"]["b1"], "w", prefix["projection"]["b1"]))[0]) \
+      if projected else int(heads * hd)
   config = {
       "peft_type": "PREFIX_TUNING",
       "task_type": "CAUSAL_LM",
+      "auto_mapping": None,
+      "revision": None,
       "num_virtual_tokens": int(n),
       "token_dim": int(heads * hd),
       "num_layers": int(layers),
       "num_attention_heads": int(heads),
       "num_transformer_submodules": 1,
-      "prefix_projection": False,
-      "encoder_hidden_size": int(heads * hd),
+      "prefix_projection": projected,
+      "encoder_hidden_size": hidden,
+      "init_weights": None,
       "inference_mode": True,
       "modules_to_save": None,
   }

@@ -18,6 +18,18 @@ axis ``L``::
 
 Functions here return that tree *without* Flax's outer ``{"params": ...}``
 wrapper; call a model with ``model.apply({"params": params}, input_ids, mask)``.
+
+A ``prompt/embedding`` entry ``(N, H)`` (:func:`jlora.add_prompt`, PEFT's prompt
+tuning) is a soft prompt that :class:`BertModel` and
+:class:`BertForSequenceClassification` read as PEFT feeds one through
+``inputs_embeds``: the ``N`` vectors go before every row's word embeddings, then
+the position (``0 .. N+T-1``) and token-type embeddings (type 0 for the virtual
+tokens) are added; the mask gets ``N`` ones in front. The ``"cls"`` pooler
+therefore reads the first virtual token (as PEFT's sequence classification does),
+``"mean"`` pooling averages the virtual tokens with the real ones, and
+:class:`BertModel` returns the hidden states of the ``T`` real tokens (the ``N``
+virtual positions are sliced off). Packed rows (``segment_ids``) and explicit
+``position_ids`` cannot take a prompt (a :class:`ModelError`).
 """
 
 from __future__ import annotations
@@ -314,12 +326,18 @@ class BertModel(nn.Module):
       token_type_ids: int ``(B, T)`` segment ids (None: all 0).
       position_ids: int ``(B, T)`` or ``(T,)`` (None: ``0..T-1``).
       deterministic: False enables dropout (needs a ``"dropout"`` rng).
+
+    With a soft prompt in the params (``prompt/embedding``, see the module
+    docstring) the hidden states are the real tokens' ``(B, T, H)`` and the pooler
+    reads the first virtual token.
     """
+    prompt = _prompt(self)
     hidden, mask = _encode(self.config, input_ids, attention_mask, token_type_ids,
-                           position_ids, deterministic)
+                           position_ids, deterministic, prompt=prompt)
     pooled = _Pooler(self.config, name="pooler")(hidden) if self.config.add_pooling_layer else None
     del mask
-    return hidden, pooled
+    n = 0 if prompt is None else prompt.shape[0]
+    return hidden[:, n:], pooled
 
 
 class BertForSequenceClassification(nn.Module):
@@ -354,10 +372,19 @@ class BertForSequenceClassification(nn.Module):
     ``pooling="mean"``, 1 on its first token for ``"cls"``). Then the logits are
     ``(N, num_labels)``, one row per sequence, equal to the unpacked model's.
     :func:`jlora.data.pack_rows` builds these arrays.
+
+    A soft prompt in the params (``prompt/embedding``, see the module docstring)
+    is read as PEFT's sequence classification reads one: ``"cls"`` pooling then
+    reads the first virtual token, ``"mean"`` averages the virtual and the real
+    tokens. It cannot be combined with packed rows.
     """
     c = self.config
+    prompt = _prompt(self)
+    if prompt is not None and pool is not None:
+      raise ModelError("a soft prompt (params['prompt']) and packed rows (pool): every sentence needs "
+                       "its own prompt, so prompt tuning runs unpacked rows (data.pack=false)")
     hidden, mask = _encode(c, input_ids, attention_mask, token_type_ids, position_ids,
-                           deterministic, segment_ids=segment_ids)
+                           deterministic, segment_ids=segment_ids, prompt=prompt)
     if pool is not None:
       pool = jnp.asarray(pool, jnp.float32)
       if pool.ndim != 3 or pool.shape[1:] != hidden.shape[:2]:
@@ -404,6 +431,9 @@ class BertForSentenceEmbedding(nn.Module):
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                *, deterministic: bool = True):
     """Returns float32 sentence embeddings ``(B, H)``; arguments as :class:`BertModel`."""
+    if _prompt(self) is not None:
+      raise ModelError("BertForSentenceEmbedding does not read a soft prompt (params['prompt']); "
+                       "use BertModel or BertForSequenceClassification, which do")
     hidden, mask = _encode(self.config, input_ids, attention_mask, token_type_ids,
                            position_ids, deterministic)
     emb = mean_pool(hidden, mask)
@@ -434,21 +464,43 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
   return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
 
 
+def _prompt(module: nn.Module):
+  """The soft prompt ``params["prompt"]["embedding"]`` ``(N, H)`` of the model being applied, or None."""
+  if not module.has_variable("params", "prompt"):
+    return None
+  p = module.get_variable("params", "prompt")
+  emb = p.get("embedding") if isinstance(p, Mapping) else None
+  h = module.config.hidden_size
+  if emb is None or jnp.ndim(emb) != 2 or jnp.shape(emb)[1] != h:
+    raise ModelError(f"params['prompt'] must be {{'embedding': (N, {h})}} (a soft prompt, "
+                     f"jlora.add_prompt), got {jax.tree.map(jnp.shape, dict(p)) if isinstance(p, Mapping) else p}")
+  return emb
+
+
 def _encode(c: BertConfig, input_ids, attention_mask, token_type_ids, position_ids,
-            deterministic: bool, segment_ids=None):
+            deterministic: bool, segment_ids=None, prompt=None):
   """Embeddings + scanned layers.
 
   The submodules become children ``embeddings`` / ``layers`` of the module whose
-  compact method is running (linen attaches them to it).
+  compact method is running (linen attaches them to it). With a soft ``prompt``
+  ``(N, H)`` the hidden states and the mask returned cover ``N + T`` positions.
   """
   input_ids = jnp.asarray(input_ids)
   if input_ids.ndim != 2:
     raise ModelError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
   b, t = input_ids.shape
-  if t > c.max_position_embeddings:
+  n = 0 if prompt is None else prompt.shape[0]
+  if n + t > c.max_position_embeddings:
     raise ModelError(
-        f"sequence length {t} exceeds max_position_embeddings={c.max_position_embeddings}; "
-        "truncate the input (tokenizer(..., truncation=True, max_length=...))")
+        f"sequence length {t}{f' plus the {n} soft-prompt tokens' if n else ''} exceeds "
+        f"max_position_embeddings={c.max_position_embeddings}; truncate the input "
+        f"(tokenizer(..., truncation=True, max_length={c.max_position_embeddings - n}))")
+  if n and segment_ids is not None:
+    raise ModelError("a soft prompt (params['prompt']) and packed rows (segment_ids): every sentence "
+                     "needs its own prompt, so prompt tuning runs unpacked rows (data.pack=false)")
+  if n and position_ids is not None:
+    raise ModelError("a soft prompt (params['prompt']) places the tokens at positions N .. N+T-1 "
+                     "itself (as PEFT, which drops position_ids); pass position_ids=None")
   if segment_ids is not None:
     segment_ids = jnp.asarray(segment_ids)
     if segment_ids.shape != (b, t):
@@ -465,8 +517,13 @@ def _encode(c: BertConfig, input_ids, attention_mask, token_type_ids, position_i
   if token_type_ids is None:
     token_type_ids = jnp.zeros((b, t), jnp.int32)
   if position_ids is None:
-    position_ids = jnp.arange(t, dtype=jnp.int32)[None, :]
-  x = _Embeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids, deterministic)
+    position_ids = jnp.arange(n + t, dtype=jnp.int32)[None, :]
+  if n:  # the virtual tokens: token type 0, always attended to
+    token_type_ids = jnp.concatenate([jnp.zeros((b, n), jnp.asarray(token_type_ids).dtype),
+                                      token_type_ids], axis=1)
+    attention_mask = jnp.concatenate([jnp.ones((b, n), attention_mask.dtype), attention_mask], axis=1)
+  x = _Embeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids, deterministic,
+                                        prompt=prompt)
   layer_cls = _Layer
   if c.remat_policy is not None:
     layer_cls = nn.remat(_Layer, prevent_cse=False,
@@ -496,12 +553,15 @@ class _Embeddings(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, position_ids, deterministic):
+  def __call__(self, input_ids, token_type_ids, position_ids, deterministic, prompt=None):
     c = self.config
     init = nn.initializers.normal(c.initializer_range)
     embed = partial(nn.Embed, features=c.hidden_size, dtype=jnp.float32,
                     param_dtype=c.param_dtype, embedding_init=init)
     x = embed(c.vocab_size, name="word_embeddings")(input_ids)
+    if prompt is not None:  # PEFT's inputs_embeds: the soft prompt, then the words
+      p = jnp.broadcast_to(prompt.astype(x.dtype)[None], (x.shape[0],) + prompt.shape)
+      x = jnp.concatenate([p, x], axis=1)
     x = x + embed(c.type_vocab_size, name="token_type_embeddings")(token_type_ids)
     x = x + embed(c.max_position_embeddings, name="position_embeddings")(position_ids)
     x = _layer_norm(c)(x).astype(c.dtype)

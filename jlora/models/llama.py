@@ -23,6 +23,7 @@ size ``hd``, ``F`` MLP width, ``V`` vocabulary); kernels are ``(in, out)`` like
    "lm_head": {"kernel": (D, V)},          # absent when embeddings are tied
    "prompt": {"embedding": (N, D)},        # optional: a soft prompt (prompt tuning)
    "prefix": {"embedding": (N, L, 2, K, hd)}}  # optional: per-layer keys/values (prefix tuning)
+   # or "prefix": {"embedding": (N, K*hd), "projection": {...}}: a projected prefix
 
 A ``"prompt"`` entry (:func:`jlora.add_prompt`, PEFT's prompt tuning) is the
 model's soft-prompt input: ``N`` embeddings placed before every row's tokens
@@ -36,7 +37,10 @@ A ``"prefix"`` entry (:func:`jlora.add_prefix`, PEFT's prefix tuning) holds
 ``N`` keys and values per layer: layer ``l``'s keys are ``embedding[:, l, 0]``
 and its values ``embedding[:, l, 1]`` (PEFT's flat ``(N, L*2*K*hd)`` reshaped),
 used as they are (no RoPE: they are past keys, as PEFT passes them) in ``N``
-always-attended slots before the tokens, whose positions then start at ``N``.
+always-attended slots before the tokens, whose positions then start at ``N``. A
+prefix with a ``"projection"`` (``PrefixTuning(N, projection=H)``, PEFT's
+``prefix_projection=True``) is read through :func:`jlora.project_prefix`, in
+the forward and in the cache prefill alike.
 
 Module names follow Hugging Face's, so PEFT-style target names (``q_proj``,
 ``v_proj``, ...) mean the same here.
@@ -335,7 +339,7 @@ def stack_layers(params: dict) -> dict:
 
 def llama_forward(params: dict, tokens: jax.Array, config: LlamaConfig, *,
                   attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                  remat: bool = False) -> jax.Array:
+                  remat: bool = False, past_key_values: Any = None) -> jax.Array:
   """Next-token logits for every position of a batch of token ids.
 
   Args:
@@ -348,6 +352,12 @@ def llama_forward(params: dict, tokens: jax.Array, config: LlamaConfig, *,
       one (``cumsum(mask) - 1``, so left padding does not shift positions).
     remat: recompute each layer's activations in the backward pass (saves memory when
       training).
+    past_key_values: ``N`` earlier keys and values in Hugging Face's layout, a tuple of
+      ``L`` ``(key, value)`` pairs each ``(B, K, N, hd)`` (what :func:`jlora.prepend_prefix`
+      passes; keys already rotated, used as they are). ``attention_mask`` then covers
+      ``N + T`` slots (``(B, N + T)``, as in transformers), derived positions count the
+      real slots before each token (so tokens start at ``N``), and explicit ``positions``
+      are used as given. ``None``: no past.
 
   Returns:
     ``(B, T, V)`` float32 logits; row ``t`` predicts token ``t + 1``.
@@ -362,6 +372,9 @@ def llama_forward(params: dict, tokens: jax.Array, config: LlamaConfig, *,
   """
   tokens = _check_tokens(tokens, config)
   batch, length = tokens.shape
+  if past_key_values is not None:
+    return _forward_with_past(params, tokens, config, past_key_values, attention_mask, positions,
+                              remat)
   pkv = _prefix_of(params, config)
   if pkv is not None:
     return _forward_with_prefix(params, tokens, config, pkv, attention_mask, positions, remat)
@@ -652,18 +665,22 @@ def _decoder(params, tokens, config: LlamaConfig, **kwargs):
 
 
 def _prefix_of(params, config: LlamaConfig):
-  """The prefix's keys/values ``(L, 2, N, K, hd)`` from ``params["prefix"]["embedding"]``, or None."""
+  """The prefix's keys/values ``(L, 2, N, K, hd)`` from ``params["prefix"]`` (projected if it has a
+  projection, :func:`jlora.project_prefix`), or None."""
   if not isinstance(params, dict) or "prefix" not in params:
     return None
   if "prompt" in params:
     raise TreeError("params hold both a soft prompt and a prefix; use one of them")
+  from jlora._methods.prompt import project_prefix  # noqa: PLC0415 - the methods import the models
+
   p = params["prefix"]
-  emb = p.get("embedding") if isinstance(p, dict) else None
   want = (config.num_layers, 2, config.num_kv_heads, config.head_dim)
+  emb = project_prefix(p) if isinstance(p, dict) and "embedding" in p else None
   if emb is None or jnp.ndim(emb) != 5 or tuple(jnp.shape(emb)[1:]) != want:
     raise TreeError(f"params['prefix'] must be {{'embedding': (N, {', '.join(map(str, want))})}} "
-                    "(N keys and values per layer and kv head: a prefix, jlora.add_prefix), got "
-                    f"{jax.tree.map(jnp.shape, p)}")
+                    "(N keys and values per layer and kv head: a prefix, jlora.add_prefix), or "
+                    f"{{'embedding': (N, {config.num_kv_heads * config.head_dim}), 'projection': ...}} "
+                    f"whose projection gives them; got {jax.tree.map(jnp.shape, p)}")
   return jnp.transpose(emb, (1, 2, 0, 3, 4))
 
 
@@ -681,6 +698,43 @@ def _forward_with_prefix(params, tokens, config, pkv, attention_mask, positions,
   q_slots = n + jnp.arange(length, dtype=jnp.int32)
   logits, _ = _decoder(params, tokens, config, positions=positions, key_mask=mask, q_slots=q_slots,
                        cache=None, remat=remat, positions_bound=None, prefix_kv=pkv)
+  return logits
+
+
+def _forward_with_past(params, tokens, config, past_key_values, attention_mask, positions, remat):
+  """``llama_forward`` with Hugging Face-layout ``past_key_values`` (see its docstring)."""
+  if isinstance(params, dict) and ({"prompt", "prefix"} & set(params)):
+    raise TreeError("past_key_values and a params['prompt'] / params['prefix'] at once; pass the "
+                    "prefix one way: in the params, or as past_key_values (jlora.prepend_prefix)")
+  batch, length = tokens.shape
+  want = (batch, config.num_kv_heads, None, config.head_dim)
+  pairs = list(past_key_values) if isinstance(past_key_values, (tuple, list)) else None
+  shapes = None if pairs is None else [tuple(jnp.shape(x)) for pair in pairs for x in
+                                       (pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else ())]
+  n = shapes[0][2] if shapes and len(shapes[0]) == 4 else None
+  if (pairs is None or len(pairs) != config.num_layers or len(shapes) != 2 * config.num_layers
+      or any(len(x) != 4 or x != (want[0], want[1], n, want[3]) for x in shapes)):
+    raise TreeError(f"past_key_values must be {config.num_layers} (key, value) pairs, each "
+                    f"(B, K, N, hd) = ({batch}, {config.num_kv_heads}, N, {config.head_dim}) "
+                    f"(Hugging Face's layout), got {shapes if shapes is not None else type(past_key_values)}")
+  # (L, 2, B, N, K, hd): each layer's past keys and values, batched
+  pkv = jnp.stack([jnp.stack([k, v]) for k, v in pairs]).transpose(0, 1, 2, 4, 3, 5)
+  if attention_mask is None:
+    mask = jnp.ones((batch, n + length), bool)
+  else:
+    if jnp.shape(attention_mask) != (batch, n + length):
+      raise TreeError(f"with past_key_values of {n} slots the attention_mask covers the past and the "
+                      f"tokens: ({batch}, {n} + {length}), got {jnp.shape(attention_mask)} (transformers' "
+                      "layout; jlora.prepend_prefix extends the mask)")
+    mask = jnp.asarray(attention_mask).astype(bool)
+  if positions is None:
+    positions = _positions_from_mask(mask, jnp.zeros((batch,), jnp.int32))[:, n:]
+  elif jnp.shape(positions) != tokens.shape:
+    raise TreeError(f"positions has shape {jnp.shape(positions)}, expected {tokens.shape}")
+  q_slots = n + jnp.arange(length, dtype=jnp.int32)
+  logits, _ = _decoder(params, tokens, config, positions=jnp.asarray(positions, jnp.int32),
+                       key_mask=mask, q_slots=q_slots, cache=None, remat=remat,
+                       positions_bound=None, prefix_kv=pkv)
   return logits
 
 
@@ -706,7 +760,7 @@ def _decoder_jit(params, tokens, *, config: LlamaConfig, positions, key_mask, q_
     p = jnp.broadcast_to(prefix.astype(dtype)[None], (h.shape[0],) + prefix.shape)
     h = jnp.concatenate([p, h], axis=1)
   batch, length = h.shape[:2]
-  n_kv = 0 if prefix_kv is None else prefix_kv.shape[2]
+  n_kv = 0 if prefix_kv is None else prefix_kv.shape[-3]  # (L, 2, [B,] N, K, hd)
   num_slots = n_kv + length if cache is None else cache[0].shape[2]
   cos, sin = _rope_tables(positions, config, length, positions_bound)
   allowed = _attention_allowed(key_mask, q_slots, num_slots, config)
@@ -722,8 +776,9 @@ def _decoder_jit(params, tokens, *, config: LlamaConfig, positions, key_mask, q_
     q = _apply_rope(q, cos, sin)
     k = _apply_rope(k, cos, sin)
     if pkv is not None:  # prefix tuning: n past keys/values before the tokens', as they are
-      k = jnp.concatenate([jnp.broadcast_to(pkv[0][None], (batch,) + pkv.shape[1:]).astype(k.dtype), k], 1)
-      v = jnp.concatenate([jnp.broadcast_to(pkv[1][None], (batch,) + pkv.shape[1:]).astype(v.dtype), v], 1)
+      pk, pv = (p if p.ndim == 4 else jnp.broadcast_to(p[None], (batch,) + p.shape) for p in (pkv[0], pkv[1]))
+      k = jnp.concatenate([pk.astype(k.dtype), k], 1)
+      v = jnp.concatenate([pv.astype(v.dtype), v], 1)
     if cache_k is not None:
       cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
       cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
