@@ -36,23 +36,17 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_pair(out: Path, mode: str) -> None:
-  port = _free_port()
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+def _run_all(jobs) -> list[int] | None:
+  """Starts every ``(argv, env, log_path, cwd)`` at once; their exit codes (None on a timeout)."""
   procs, logs = [], []
-  for pid in range(2):
-    log = open(out / f"{mode}_{pid}.log", "w")  # noqa: SIM115 - closed below
+  for argv, env, log_path, cwd in jobs:
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
     logs.append(log)
-    procs.append(subprocess.Popen(
-        [sys.executable, str(WORKER), "--port", str(port), "--process-id", str(pid),
-         "--out", str(out), "--mode", mode], env=env, stdout=log, stderr=subprocess.STDOUT))
+    procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd))
   try:
-    codes = [p.wait(timeout=TIMEOUT) for p in procs]
+    return [p.wait(timeout=TIMEOUT) for p in procs]
   except subprocess.TimeoutExpired:
-    codes = None
+    return None
   finally:
     for p in procs:
       if p.poll() is None:
@@ -60,6 +54,17 @@ def _run_pair(out: Path, mode: str) -> None:
         p.wait()
     for log in logs:
       log.close()
+
+
+def _run_pair(out: Path, mode: str) -> None:
+  port = _free_port()
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+  codes = _run_all([([sys.executable, str(WORKER), "--port", str(port), "--process-id", str(pid),
+                      "--out", str(out), "--mode", mode], env, out / f"{mode}_{pid}.log", None)
+                    for pid in range(2)])
   if codes != [0, 0]:
     tails = "\n".join(
         f"--- process {pid} ---\n" + (out / f"{mode}_{pid}.log").read_text()[-3000:]
@@ -160,24 +165,9 @@ def test_jlora_train_on_two_processes_equals_one_process(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
              JLORA_COORDINATOR=f"127.0.0.1:{port}", JLORA_NUM_PROCESSES="2",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  procs, logs = [], []
-  for pid in range(2):
-    log = open(tmp_path / f"cli_{pid}.log", "w")  # noqa: SIM115 - closed below
-    logs.append(log)
-    procs.append(subprocess.Popen([sys.executable, "-m", "jlora", "train", *two, "train.progress=false"],
-                                  env=dict(env, JLORA_PROCESS_ID=str(pid)), stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=tmp_path))
-  try:
-    codes = [p.wait(timeout=TIMEOUT) for p in procs]
-  except subprocess.TimeoutExpired:
-    codes = None
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-    for log in logs:
-      log.close()
+  codes = _run_all([([sys.executable, "-m", "jlora", "train", *two, "train.progress=false"],
+                     dict(env, JLORA_PROCESS_ID=str(pid)), tmp_path / f"cli_{pid}.log", tmp_path)
+                    for pid in range(2)])
   if codes != [0, 0]:
     pytest.fail(f"jlora train pair failed ({codes}):\n" + "\n".join(
         (tmp_path / f"cli_{p}.log").read_text()[-3000:] for p in range(2)))

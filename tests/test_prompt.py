@@ -251,17 +251,23 @@ def test_peft_made_prefix_imports_with_equal_logits_and_tokens(llama, peft_prefi
   assert emb.shape == (5, 2, 2, 2, 8)  # N, layers, k/v, kv heads, head dim
   np.testing.assert_array_equal(np.asarray(emb).reshape(5, -1),
                                 load_file(path / "adapter_model.safetensors")["prompt_embeddings"])
+  _assert_peft_logits_and_tokens(tree, params, config, pm, want, "prefix import", 10)
+
+
+def _assert_peft_logits_and_tokens(tree, params, config, pm, want, what: str, n_new: int):
+  """jlora's logits on IDS equal PEFT's ``want`` (which the prefix moved away from the base's),
+  and greedy generation from two prompts gives PEFT's tokens (and not the base's)."""
   got = np.asarray(jax.jit(jlora.lora(llama_forward), static_argnums=2)(tree, jnp.asarray(IDS), config))
   base = np.asarray(llama_forward(params, jnp.asarray(IDS), config))
-  print(f"\nprefix import: max |jlora - PeftModel| = {_max_diff(got, want):.2e}; effect "
+  print(f"\n{what}: max |jlora - PeftModel| = {_max_diff(got, want):.2e}; effect "
         f"{_max_diff(want, base):.2f}")
   assert _max_diff(want, base) > 0.05 and _max_diff(got, want) <= TOL
   prompts = [[1, 5, 9, 3], [1, 40, 2]]
-  ours = generate(tree, config, prompts, max_new_tokens=10, eos_token_ids=())
-  assert not np.array_equal(ours, generate(params, config, prompts, max_new_tokens=10,
+  ours = generate(tree, config, prompts, max_new_tokens=n_new, eos_token_ids=())
+  assert not np.array_equal(ours, generate(params, config, prompts, max_new_tokens=n_new,
                                            eos_token_ids=()))
   for row, prompt in zip(ours, prompts):
-    assert row.tolist() == _peft_generate(pm, prompt, 10)
+    assert row.tolist() == _peft_generate(pm, prompt, n_new)
 
 
 def test_jlora_prefix_saves_and_loads_in_peft(llama, tmp_path):
@@ -316,17 +322,7 @@ def peft_projected(llama, tmp_path_factory):
 def test_projected_prefix_equals_peft_logits_and_tokens(llama, peft_projected):
   _, config, params = llama
   _, pm, tree = peft_projected
-  want = _peft_logits(pm, IDS)
-  got = np.asarray(jax.jit(jlora.lora(llama_forward), static_argnums=2)(tree, jnp.asarray(IDS), config))
-  base = np.asarray(llama_forward(params, jnp.asarray(IDS), config))
-  print(f"\nprojected prefix: max |jlora - PeftModel| = {_max_diff(got, want):.2e}; effect "
-        f"{_max_diff(want, base):.2f}")
-  assert _max_diff(want, base) > 0.05 and _max_diff(got, want) <= TOL
-  prompts = [[1, 5, 9, 3], [1, 40, 2]]
-  ours = generate(tree, config, prompts, max_new_tokens=8, eos_token_ids=())
-  assert not np.array_equal(ours, generate(params, config, prompts, max_new_tokens=8, eos_token_ids=()))
-  for row, prompt in zip(ours, prompts):
-    assert row.tolist() == _peft_generate(pm, prompt, 8)
+  _assert_peft_logits_and_tokens(tree, params, config, pm, _peft_logits(pm, IDS), "projected prefix", 8)
 
 
 def test_projected_prefix_trains_every_array(llama):
