@@ -153,9 +153,8 @@ def _is_prompt_only(tree: Any) -> str | None:
   key = next((k for k in (PROMPT_KEY, PREFIX_KEY) if isinstance(tree, dict) and k in tree), None)
   if key is None:
     return None
-  # a soft prompt trains with a classification head: PEFT's SEQ_CLS modules_to_save
-  head = [p for p, x in _adapted(tree) if key == PROMPT_KEY and p.startswith("classifier/")
-          and x.kind == "full"]
+  # a soft prompt / prefix trains with a classification head: PEFT's SEQ_CLS modules_to_save
+  head = [p for p, x in _adapted(tree) if p.startswith("classifier/") and x.kind == "full"]
   others = [p for p, _ in _adapted(tree) if not p.startswith(key + "/") and p not in head]
   if others:
     raise SpecError(f"the tree trains a soft {key} and {others[:3]}; PEFT stores one method per "

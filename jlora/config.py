@@ -187,8 +187,7 @@ class MethodConfig:
       ``adapter`` (bottleneck adapters on the layers' outputs, :class:`jlora.Bottleneck`),
       ``prompt`` / ``prefix`` (a trained soft prompt / per-layer prefix of
       ``num_virtual_tokens``, :func:`jlora.add_prompt` / :func:`jlora.add_prefix`;
-      prompt: Llama and BERT (whose classification runs unpacked rows then),
-      prefix: Llama only), ``full`` (every parameter) or ``bitfit`` (every bias).
+      Llama and BERT, whose classification runs unpacked rows then), ``full`` (every parameter) or ``bitfit`` (every bias).
     rank: LoRA rank r (AdaLoRA: the initial rank of every module, ``init_r``).
     alpha: LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with
       rslora). 0 (default) means alpha = r, a scale of 1: the default of

@@ -577,11 +577,7 @@ def build_rules(cfg: Config, params: Any, family: str, *,
         if p not in (r for r, _ in rules):
           rules.append((p, spec))
   elif me.name in ("prompt", "prefix"):  # no kernel rules: train() adds the prompt / prefix
-    if me.name == "prefix" and family != "llama":
-      raise ConfigError(f"method.name=prefix needs a Llama-family model (the shipped decoder's KV-cache "
-                        f"path takes the per-layer prefix); {cfg.model.name} is {family}, whose shipped "
-                        "model has no past keys/values input: use method.name=prompt (a soft prompt, "
-                        "which BERT reads) or lora, dora, ia3, vera, adalora, full or bitfit.")
+    pass
   elif me.name == "full":
     rules += [(p, jlora.Full()) for p in paths
               if p not in also_paths and jnp.issubdtype(leaves[p].dtype, jnp.floating)]
@@ -1310,9 +1306,10 @@ def _train_batches(cfg: Config, feats: dict[str, np.ndarray], epoch: int, start:
 
 def _packs(cfg: Config, family: str) -> bool:
   """Classification on an encoder with data.pack: sentences packed into full rows (not with a
-  soft prompt: every sentence needs its own, so method=prompt runs one padded row per sentence)."""
+  soft prompt or prefix: every sentence needs its own, so method=prompt|prefix runs one padded
+  row per sentence)."""
   return (cfg.data.pack and cfg.data.task == "classification" and family == "bert"
-          and cfg.method.name != "prompt")
+          and cfg.method.name not in ("prompt", "prefix"))
 
 
 class _Packer:

@@ -649,18 +649,16 @@ def test_prompt_and_prefix_runs_lower_perplexity_and_reload(tiny, method, projec
   assert isinstance(predict(run, ["the movie"], max_new_tokens=3, chat=False)[0]["output"], str)
   with pytest.raises(jlora.ConfigError, match="cannot be merged"):
     merge_run(run, tiny["root"] / f"{name}-merged", overwrite=True)
-  if method == "prefix":  # BERT takes a soft prompt (test_prompt_tuning_on_bert_...), not a prefix
-    with pytest.raises(jlora.ConfigError, match="needs a Llama-family model.*method.name=prompt"):
-      train(load_config(overrides=tiny_cls_overrides(tiny["root"], tiny["bert"], f"bad-{method}",
-                                                     **{"method.name": method})), log=_quiet)
 
 
-def test_prompt_tuning_on_bert_trains_unpacked_reloads_and_evaluates_equal(tiny):
-  """method=prompt on the tiny BERT: the soft prompt and the head train on unpacked rows (every
-  sentence needs its own prompt, though data.pack is on), and the saved run evaluates equal."""
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_prompt_tuning_on_bert_trains_unpacked_reloads_and_evaluates_equal(tiny, method):
+  """method=prompt|prefix on the tiny BERT: the soft prompt / prefix and the head train on
+  unpacked rows (every sentence needs its own, though data.pack is on), and the saved run
+  evaluates equal."""
   lines = []
-  cfg = load_config(overrides=tiny_cls_overrides(tiny["root"], tiny["bert"], "bert-prompt", **{
-      "method.name": "prompt", "method.num_virtual_tokens": 4, "train.max_steps": 40,
+  cfg = load_config(overrides=tiny_cls_overrides(tiny["root"], tiny["bert"], f"bert-{method}", **{
+      "method.name": method, "method.num_virtual_tokens": 4, "train.max_steps": 40,
       "train.lr": 5e-2, "data.pack": True}))
   res = train(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
   assert not any("packed batches" in line for line in lines)
@@ -669,8 +667,9 @@ def test_prompt_tuning_on_bert_trains_unpacked_reloads_and_evaluates_equal(tiny)
   assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
   run = load_run(res.output_dir)
   assert [p for p, _ in jlora.adapted_leaves(run.tree)] == ["classifier/bias", "classifier/kernel",
-                                                            "prompt/embedding"]
-  assert res.trainable_params == 4 * 16 + (16 * 2 + 2)
+                                                            f"{method}/embedding"]
+  # a prompt: 4 embeddings of 16; a prefix: 4 keys and values for 2 layers x 2 heads x 8
+  assert res.trainable_params == 4 * (16 if method == "prompt" else 2 * 2 * 16) + (16 * 2 + 2)
   again = evaluate_run(run, "test")
   for k in ("loss", "accuracy"):
     assert again[k] == pytest.approx(res.metrics["test"][k], rel=1e-5)

@@ -219,13 +219,14 @@ def add_prefix(params: Any, spec: PrefixTuning, *, key: jax.Array, config: Any) 
   modified.
 
   Args:
-    params: a Llama params tree (plain or wrapped).
+    params: a Llama or BERT params tree (plain or wrapped).
     spec: a :class:`PrefixTuning`.
     key: PRNG key of the init.
-    config: the model's :class:`jlora.models.llama.LlamaConfig` (layers, kv heads, head size).
+    config: the model's :class:`jlora.models.llama.LlamaConfig` (layers, kv heads,
+      head size), or a BERT model / its :class:`jlora.models.bert.BertConfig`.
 
   Raises:
-    TreeError: not a Llama params tree, or it already holds a prompt / prefix.
+    TreeError: not a Llama or BERT params tree, or it already holds a prompt / prefix.
 
   Example:
     >>> import jax, jlora
@@ -240,15 +241,13 @@ def add_prefix(params: Any, spec: PrefixTuning, *, key: jax.Array, config: Any) 
   """
   if not isinstance(spec, PrefixTuning):
     raise SpecError(f"add_prefix takes a jlora.PrefixTuning, got {type(spec).__name__}")
-  if not isinstance(params, dict) or "layers" not in params or "embed_tokens" not in params:
-    raise TreeError("add_prefix: the params are not a Llama tree (no 'layers' / 'embed_tokens'); "
-                    "prefix tuning needs the shipped decoder, whose KV cache path takes the prefix")
+  layers, heads, head_dim = _prefix_dims(params, config)
   if PREFIX_KEY in params or PROMPT_KEY in params:
     raise TreeError("the params already hold a soft prompt or a prefix; remove it first")
-  n, kv = spec.num_virtual_tokens, (config.num_layers, 2, config.num_kv_heads, config.head_dim)
+  n, kv = spec.num_virtual_tokens, (layers, 2, heads, head_dim)
   if spec.projection is None:
     return {**params, PREFIX_KEY: {"embedding": FullWeight(jax.random.normal(key, (n, *kv), jnp.float32))}}
-  width, hidden = config.num_kv_heads * config.head_dim, spec.projection
+  width, hidden = heads * head_dim, spec.projection
   k_emb, k_w1, k_b1, k_w2, k_b2 = jax.random.split(key, 5)
 
   def linear(k, shape, fan_in):  # torch.nn.Linear's init of weight and bias
@@ -259,6 +258,18 @@ def add_prefix(params: Any, spec: PrefixTuning, *, key: jax.Array, config: Any) 
                 "w2": linear(k_w2, (hidden, *kv), hidden), "b2": linear(k_b2, kv, hidden)}
   return {**params, PREFIX_KEY: {"embedding": FullWeight(jax.random.normal(k_emb, (n, width), jnp.float32)),
                                  "projection": projection}}
+
+
+def _prefix_dims(params: Any, config: Any) -> tuple[int, int, int]:
+  """``(layers, key/value heads, head size)`` of a shipped Llama or BERT tree and its config."""
+  if isinstance(params, dict) and "layers" in params and "embed_tokens" in params:
+    return config.num_layers, config.num_kv_heads, config.head_dim
+  if isinstance(params, dict) and "layers" in params and "embeddings" in params:
+    c = getattr(config, "config", config)  # a BERT module or its BertConfig
+    return c.num_hidden_layers, c.num_attention_heads, c.head_dim
+  raise TreeError("add_prefix: the params are neither a Llama tree ('layers' / 'embed_tokens') nor a "
+                  "BERT tree ('layers' / 'embeddings'); prefix tuning needs a shipped model, whose "
+                  "attention takes the prefix (jlora.prepend_prefix(fn) for a model of your own)")
 
 
 def project_prefix(prefix: Any) -> jax.Array:
@@ -463,6 +474,21 @@ def _load_head(tensors: dict, params: Any, where: str) -> Any:
   return {**params, "classifier": out}
 
 
+def _save_head(tree: Any, tensors: dict) -> tuple[dict, dict]:
+  """Adds a trained ``classifier`` head (PEFT's SEQ_CLS ``modules_to_save``) to ``tensors``;
+  returns ``(head, trained leaves)``."""
+  head = tree.get("classifier") if isinstance(tree.get("classifier"), dict) else {}
+  trained = {leaf: x for leaf, x in head.items() if isinstance(x, FullWeight)}
+  for key, (leaf, transpose) in _HEAD.items():
+    if trained and leaf not in trained:
+      raise SpecError(f"the classifier trains {sorted(trained)} but not {leaf!r}; PEFT saves the whole "
+                      "head (modules_to_save): train classifier/kernel and classifier/bias both")
+    if leaf in trained:
+      value = np.asarray(jax.device_get(trained[leaf].w))
+      tensors[key] = np.ascontiguousarray(value.T if transpose else value)
+  return head, trained
+
+
 def _validate(config: dict, f: str) -> None:
   _check_learned(config, f, "prompt", ("num_virtual_tokens", "token_dim"), "decoders and encoders")
 
@@ -496,15 +522,7 @@ def save_prompt(tree: Any) -> tuple[dict, dict]:
   num_layers = int(some[0].shape[0]) if some and not isinstance(layers, list) else (
       len(layers) if isinstance(layers, list) else None)
   tensors = {"prompt_embeddings": np.ascontiguousarray(emb.astype(np.float32))}
-  head = tree.get("classifier") if isinstance(tree.get("classifier"), dict) else {}
-  trained = {leaf: x for leaf, x in head.items() if isinstance(x, FullWeight)}
-  for key, (leaf, transpose) in _HEAD.items():
-    if trained and leaf not in trained:
-      raise SpecError(f"the classifier trains {sorted(trained)} but not {leaf!r}; PEFT saves the whole "
-                      "head (modules_to_save): train classifier/kernel and classifier/bias both")
-    if leaf in trained:
-      value = np.asarray(jax.device_get(trained[leaf].w))
-      tensors[key] = np.ascontiguousarray(value.T if transpose else value)
+  head, trained = _save_head(tree, tensors)
   config = {
       "peft_type": "PROMPT_TUNING",
       "task_type": "CAUSAL_LM" if "embed_tokens" in tree else ("SEQ_CLS" if head else None),
@@ -524,7 +542,8 @@ def save_prompt(tree: Any) -> tuple[dict, dict]:
 
 
 def _validate_prefix(config: dict, f: str) -> None:
-  _check_learned(config, f, "prefix", ("num_virtual_tokens", "token_dim", "num_layers"), "decoders")
+  _check_learned(config, f, "prefix", ("num_virtual_tokens", "token_dim", "num_layers"),
+                 "decoders and encoders")
 
 
 def load_prefix(config: dict, tensors: dict, params: Any, where: str) -> Any:
@@ -535,7 +554,7 @@ def load_prefix(config: dict, tensors: dict, params: Any, where: str) -> Any:
   prefix (PEFT saves the projection's output), so it loads as a plain prefix.
   """
   _validate_prefix(config, where)
-  emb = _the_embeddings(tensors, where, "prefix")
+  emb = _the_embeddings(tensors, where, "prefix", extra=tuple(_HEAD))
   n, layers, width = config["num_virtual_tokens"], config["num_layers"], config["token_dim"]
   heads = config.get("num_attention_heads")
   if not isinstance(heads, int) or heads <= 0 or width % heads:
@@ -544,17 +563,21 @@ def load_prefix(config: dict, tensors: dict, params: Any, where: str) -> Any:
     raise CheckpointError(f"{where}: prompt_embeddings has shape {emb.shape}, the config says "
                           f"({n}, {layers} * 2 * {width})")
   try:
-    k = params["layers"]["self_attn"]["k_proj"]["kernel"]
+    layer_tree = params["layers"]
+    k = layer_tree["self_attn"]["k_proj"] if "self_attn" in layer_tree else \
+        layer_tree["attention"]["self"]["key"]
+    k = getattr(k["kernel"], "w", k["kernel"])
     have = (int(k.shape[0]), int(k.shape[-1]))
   except (KeyError, TypeError):
     raise CheckpointError(f"{where}: prefix tuning needs a Llama params tree (layers/self_attn/"
-                          "k_proj)") from None
+                          "k_proj) or a BERT one (layers/attention/self/key)") from None
   if have != (layers, width):
     raise CheckpointError(f"{where}: the prefix is for {layers} layers of {width} key/value features; "
                           f"the model has {have[0]} of {have[1]}; is the adapter for this model?")
   if PREFIX_KEY in params or PROMPT_KEY in params:
     raise CheckpointError(f"{where}: the params already hold a soft prompt or prefix")
   emb = emb.reshape(n, layers, 2, heads, width // heads)
+  params = _load_head(tensors, params, where)
   return {**params, PREFIX_KEY: {"embedding": FullWeight(jnp.asarray(emb, jnp.float32))}}
 
 
@@ -575,9 +598,11 @@ def save_prefix(tree: Any) -> tuple[dict, dict]:
   projected = "projection" in prefix
   hidden = int(jnp.shape(getattr(prefix["projection"]["b1"], "w", prefix["projection"]["b1"]))[0]) \
       if projected else int(heads * hd)
+  tensors = {"prompt_embeddings": np.ascontiguousarray(emb.reshape(n, -1).astype(np.float32))}
+  head, trained = _save_head(tree, tensors)
   config = {
       "peft_type": "PREFIX_TUNING",
-      "task_type": "CAUSAL_LM",
+      "task_type": "CAUSAL_LM" if "embed_tokens" in tree else ("SEQ_CLS" if head else None),
       "auto_mapping": None,
       "revision": None,
       "num_virtual_tokens": int(n),
@@ -589,9 +614,9 @@ def save_prefix(tree: Any) -> tuple[dict, dict]:
       "encoder_hidden_size": hidden,
       "init_weights": None,
       "inference_mode": True,
-      "modules_to_save": None,
+      "modules_to_save": ["classifier"] if trained else None,
   }
-  return config, {"prompt_embeddings": np.ascontiguousarray(emb.reshape(n, -1).astype(np.float32))}
+  return config, tensors
 
 
 def _register_codec() -> None:

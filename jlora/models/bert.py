@@ -30,6 +30,15 @@ therefore reads the first virtual token (as PEFT's sequence classification does)
 :class:`BertModel` returns the hidden states of the ``T`` real tokens (the ``N``
 virtual positions are sliced off). Packed rows (``segment_ids``) and explicit
 ``position_ids`` cannot take a prompt (a :class:`ModelError`).
+
+A ``prefix`` entry (:func:`jlora.add_prefix`, PEFT's prefix tuning; keys and
+values ``(N, L, 2, heads, head_dim)``, or an embedding and the MLP of
+``projection=H``, read through :func:`jlora.project_prefix`) gives every
+layer's attention ``N`` extra keys and values in front of the tokens', always
+attended to, as transformers' BERT reads PEFT's ``past_key_values``: the tokens
+take positions ``N .. N+T-1`` and the outputs stay ``(B, T, H)`` (the prefix
+adds no positions; the ``"cls"`` pooler reads the real ``[CLS]``). Packed rows
+cannot take a prefix.
 """
 
 from __future__ import annotations
@@ -333,7 +342,7 @@ class BertModel(nn.Module):
     """
     prompt = _prompt(self)
     hidden, mask = _encode(self.config, input_ids, attention_mask, token_type_ids,
-                           position_ids, deterministic, prompt=prompt)
+                           position_ids, deterministic, prompt=prompt, prefix=_prefix(self))
     pooled = _Pooler(self.config, name="pooler")(hidden) if self.config.add_pooling_layer else None
     del mask
     n = 0 if prompt is None else prompt.shape[0]
@@ -379,12 +388,13 @@ class BertForSequenceClassification(nn.Module):
     tokens. It cannot be combined with packed rows.
     """
     c = self.config
-    prompt = _prompt(self)
-    if prompt is not None and pool is not None:
-      raise ModelError("a soft prompt (params['prompt']) and packed rows (pool): every sentence needs "
-                       "its own prompt, so prompt tuning runs unpacked rows (data.pack=false)")
+    prompt, prefix = _prompt(self), _prefix(self)
+    if (prompt is not None or prefix is not None) and pool is not None:
+      raise ModelError("a soft prompt / prefix (params['prompt'] / ['prefix']) and packed rows (pool): "
+                       "every sentence needs its own, so prompt and prefix tuning run unpacked rows "
+                       "(data.pack=false)")
     hidden, mask = _encode(c, input_ids, attention_mask, token_type_ids, position_ids,
-                           deterministic, segment_ids=segment_ids, prompt=prompt)
+                           deterministic, segment_ids=segment_ids, prompt=prompt, prefix=prefix)
     if pool is not None:
       pool = jnp.asarray(pool, jnp.float32)
       if pool.ndim != 3 or pool.shape[1:] != hidden.shape[:2]:
@@ -431,6 +441,9 @@ class BertForSentenceEmbedding(nn.Module):
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                *, deterministic: bool = True):
     """Returns float32 sentence embeddings ``(B, H)``; arguments as :class:`BertModel`."""
+    if self.has_variable("params", "prefix"):
+      raise ModelError("BertForSentenceEmbedding does not read a prefix (params['prefix']); use "
+                       "BertModel or BertForSequenceClassification")
     if _prompt(self) is not None:
       raise ModelError("BertForSentenceEmbedding does not read a soft prompt (params['prompt']); "
                        "use BertModel or BertForSequenceClassification, which do")
@@ -477,8 +490,23 @@ def _prompt(module: nn.Module):
   return emb
 
 
+def _prefix(module: nn.Module):
+  """The prefix's keys and values ``(N, L, 2, heads, head_dim)`` of the model being applied, or None."""
+  if not module.has_variable("params", "prefix"):
+    return None
+  from jlora._methods.prompt import project_prefix  # noqa: PLC0415
+  p = module.get_variable("params", "prefix")
+  kv = project_prefix(dict(p) if isinstance(p, Mapping) else p)
+  c = module.config
+  want = (c.num_hidden_layers, 2, c.num_attention_heads, c.head_dim)
+  if kv.ndim != 5 or tuple(kv.shape[1:]) != want:
+    raise ModelError(f"params['prefix'] gives keys and values of shape {tuple(kv.shape)}; this BERT "
+                     f"needs (N, {', '.join(map(str, want))}) (jlora.add_prefix with its config)")
+  return kv
+
+
 def _encode(c: BertConfig, input_ids, attention_mask, token_type_ids, position_ids,
-            deterministic: bool, segment_ids=None, prompt=None):
+            deterministic: bool, segment_ids=None, prompt=None, prefix=None):
   """Embeddings + scanned layers.
 
   The submodules become children ``embeddings`` / ``layers`` of the module whose
@@ -490,6 +518,17 @@ def _encode(c: BertConfig, input_ids, attention_mask, token_type_ids, position_i
     raise ModelError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
   b, t = input_ids.shape
   n = 0 if prompt is None else prompt.shape[0]
+  n_pre = 0 if prefix is None else prefix.shape[0]
+  if prefix is not None and segment_ids is not None:
+    raise ModelError("a prefix (params['prefix']) and packed rows (segment_ids): prefix tuning runs "
+                     "unpacked rows (data.pack=false)")
+  if prefix is not None and prompt is not None:
+    raise ModelError("params hold both a soft prompt and a prefix; use one of them")
+  if n_pre + t > c.max_position_embeddings:
+    raise ModelError(
+        f"sequence length {t} after the {n_pre} prefix positions exceeds max_position_embeddings="
+        f"{c.max_position_embeddings}; truncate the input to {c.max_position_embeddings - n_pre} "
+        "tokens or use a shorter prefix")
   if n + t > c.max_position_embeddings:
     raise ModelError(
         f"sequence length {t}{f' plus the {n} soft-prompt tokens' if n else ''} exceeds "
@@ -516,8 +555,8 @@ def _encode(c: BertConfig, input_ids, attention_mask, token_type_ids, position_i
     raise ModelError(f"attention_mask has shape {attention_mask.shape}, expected {(b, t)}")
   if token_type_ids is None:
     token_type_ids = jnp.zeros((b, t), jnp.int32)
-  if position_ids is None:
-    position_ids = jnp.arange(n + t, dtype=jnp.int32)[None, :]
+  if position_ids is None:  # a prefix's tokens come after it (transformers' past length)
+    position_ids = jnp.arange(n_pre, n_pre + n + t, dtype=jnp.int32)[None, :]
   if n:  # the virtual tokens: token type 0, always attended to
     token_type_ids = jnp.concatenate([jnp.zeros((b, n), jnp.asarray(token_type_ids).dtype),
                                       token_type_ids], axis=1)
@@ -530,12 +569,16 @@ def _encode(c: BertConfig, input_ids, attention_mask, token_type_ids, position_i
                          policy=getattr(jax.checkpoint_policies, c.remat_policy))
   stack = nn.scan(layer_cls, variable_axes={"params": 0},
                   split_rngs={"params": True, "dropout": True},
-                  in_axes=(nn.broadcast,), length=c.num_hidden_layers,
+                  in_axes=(nn.broadcast, 0), length=c.num_hidden_layers,
                   unroll=min(int(c.scan_unroll), c.num_hidden_layers))
   keep = attention_mask.astype(bool)
   if segment_ids is not None:  # (B, T, T): each token sees its own sequence only
     keep = (segment_ids[:, :, None] == segment_ids[:, None, :]) & keep[:, None, :]
-  x, _ = stack(c, deterministic, name="layers")(x, keep)
+  kv = None
+  if prefix is not None:  # per layer (2, N, heads, head_dim), scanned; its keys always seen
+    kv = jnp.transpose(prefix, (1, 2, 0, 3, 4))
+    keep = jnp.concatenate([jnp.ones((b, n_pre), bool), keep], axis=1)
+  x, _ = stack(c, deterministic, name="layers")(x, keep, kv)
   return x, attention_mask
 
 
@@ -572,13 +615,16 @@ class _SelfAttention(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x, keep, deterministic):
+  def __call__(self, x, keep, deterministic, prefix_kv=None):
     c = self.config
     b, t, _ = x.shape
     shape = (b, t, c.num_attention_heads, c.head_dim)
     q = _dense(c, c.hidden_size, "query")(x).reshape(shape)
     k = _dense(c, c.hidden_size, "key")(x).reshape(shape)
     v = _dense(c, c.hidden_size, "value")(x).reshape(shape)
+    if prefix_kv is not None:  # (2, N, heads, head_dim): the prefix's keys and values go first
+      pk, pv = (jnp.broadcast_to(p.astype(k.dtype)[None], (b,) + p.shape) for p in prefix_kv)
+      k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=c.precision,
                         preferred_element_type=jnp.float32)
     scores = scores * (c.head_dim ** -0.5)
@@ -607,8 +653,8 @@ class _Attention(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x, keep, deterministic):
-    h = _SelfAttention(self.config, name="self")(x, keep, deterministic)
+  def __call__(self, x, keep, deterministic, prefix_kv=None):
+    h = _SelfAttention(self.config, name="self")(x, keep, deterministic, prefix_kv)
     return _DenseAddNorm(self.config, name="output")(h, x, deterministic)
 
 
@@ -628,8 +674,8 @@ class _Layer(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, keep):
-    a = _Attention(self.config, name="attention")(x, keep, self.deterministic)
+  def __call__(self, x, keep, prefix_kv=None):
+    a = _Attention(self.config, name="attention")(x, keep, self.deterministic, prefix_kv)
     h = _Intermediate(self.config, name="intermediate")(a)
     return _DenseAddNorm(self.config, name="output")(h, a, self.deterministic), None
 
