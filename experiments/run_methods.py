@@ -57,6 +57,8 @@ METHODS = {
     "adapter_pfeiffer": ["method.name=adapter", "method.placement=pfeiffer", "train.lr=1e-3"],
     # a 20-token soft prompt before each sentence (BERT: the classifier reads the first one)
     "prompt": ["method.name=prompt", "method.num_virtual_tokens=20", "train.lr=3e-2"],
+    # 20 trained keys and values per layer (P-tuning v2's direct prefix on a classifier)
+    "prefix": ["method.name=prefix", "method.num_virtual_tokens=20", "train.lr=1e-2"],
 }
 
 LM_CONFIG = ROOT / "configs" / "smollm2_causal_lm.yaml"
@@ -69,6 +71,9 @@ LM_METHODS = {
     "adapter_pfeiffer": ["method.name=adapter", "method.targets=null", "method.placement=pfeiffer"],
     "prompt": ["method.name=prompt", "method.num_virtual_tokens=20", "train.lr=3e-2"],
     "prefix": ["method.name=prefix", "method.num_virtual_tokens=20", "train.lr=1e-2"],
+    # Li & Liang's reparameterisation: the prefix is an MLP's output (PEFT's prefix_projection)
+    "prefix_projection": ["method.name=prefix", "method.num_virtual_tokens=20",
+                          "method.prefix_projection=512", "train.lr=1e-3"],
 }
 
 
@@ -225,7 +230,10 @@ _NOTE = (
     "until its allocator prunes them back to r=8's budget; the run ended at exactly its target (96 "
     "of 144 ranks), giving the value projections 9-11 ranks per layer and the queries 5-8; its saved "
     "size is the pruned adapter. Its wall time was measured while other tests shared the machine "
-    "(load not recorded), so its step time is an upper bound.")
+    "(load not recorded), so its step time is an upper bound. The bottleneck-adapter, prompt and "
+    "prefix rows ran while the test suite shared the machine (load 4.7-7.2 at the end), so their "
+    "times are upper bounds too; prompt and prefix run unpacked rows (every sentence needs its own "
+    "virtual tokens), the others packed ones.")
 
 
 _MEMORY_NOTE = (
@@ -238,7 +246,10 @@ _LM_NOTE = (
     "40 steps is a short run on a shared 2-core CPU: the ranking says which methods adapt the "
     "model fast at these learning rates, not where each would end. The bottleneck adapters sit "
     "after o_proj and down_proj (Houlsby) or down_proj (Pfeiffer) with reduction factor 16; IA3 on "
-    "PEFT's default k_proj, v_proj, down_proj.")
+    "PEFT's default k_proj, v_proj, down_proj. The prefix trained directly (its keys and values "
+    "themselves, lr 1e-2) diverged: its perplexity ends above the base model's; through the "
+    "projection MLP (Li & Liang's reparameterisation, the reason they give for it) at lr 1e-3 it "
+    "trains. Reported as measured, one seed each.")
 
 
 def _load(r: dict) -> str:
