@@ -1,7 +1,8 @@
 """Shared by run_rank_sweep.py and run_weight_types.py: run (or reuse) one default-job variant.
 
 A variant is the default job (experiments/configs/minilm_sentiment.yaml: all-MiniLM-L6-v2,
-movie-review sentences, 1 epoch, batch 32, lr 2e-3) plus a few overrides. Each one trains
+movie-review sentences, batch 32) at one epoch (the sweeps were measured so; the default job
+trains two since 2026-12-08) plus a few overrides. Each one trains
 into runs/<name> under the repository root; a directory that already holds results.json and
 the same resolved config is read back instead of trained again (delete it to re-run).
 """
@@ -32,8 +33,9 @@ def cfg_key(cfg) -> dict:
 
 
 def make_cfg(name: str, overrides: list[str]):
+  # the sweeps were measured at one epoch (the default job's until it became two)
   return load_config(overrides=[f"output_dir={RUNS / name}", "train.progress=false",
-                                "resume=false", *overrides])
+                                "resume=false", "train.epochs=1", *overrides])
 
 
 def run_or_load(name: str, overrides: list[str], *, train_missing: bool = True) -> dict | None:

@@ -281,7 +281,7 @@ class TrainConfig:
       of every device; ``fsdp_tp`` needs two). One entry may be -1.
   """
 
-  epochs: float = 1.0
+  epochs: float = 2.0
   max_steps: int = 0
   batch_size: int = 32
   grad_accum: int = 1
