@@ -37,7 +37,7 @@ from jax import lax
 
 from jlora._adapter import Axes
 
-__all__ = ["Term", "Post", "Lazy", "from_kernel", "is_routed"]
+__all__ = ["Term", "Post", "ACTIVATIONS", "Lazy", "from_kernel", "is_routed"]
 
 
 class Term(NamedTuple):
@@ -58,12 +58,26 @@ class Term(NamedTuple):
   groups: int = 0
 
 
+#: the non-linearities a :class:`Post` may name (``act``), by name
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "swish": jax.nn.silu,
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "identity": lambda x: x,
+}
+
+
 class Post(NamedTuple):
   """A bottleneck on a contraction's output: ``y + scale * (up(act(down(y) + bias_down)) + bias_up)``.
 
   ``down`` / ``up`` are right tensors (the value's ``R``/``S`` axes, then the
   width ``m``), ``bias_up`` a right tensor of width 1, ``bias_down`` the
-  value's ``S`` axes then ``m``; ``act`` names the non-linearity.
+  value's ``S`` axes then ``m``; ``act`` names the non-linearity (a key of
+  :data:`ACTIVATIONS`).
   """
 
   down: Any
@@ -181,12 +195,9 @@ def from_kernel(w, axes: Axes, terms=(), *, u=None, v=None, post: Post | None = 
                     for t in terms)
   lu = None if u is None else left(u[..., None])
   rv = None if v is None else right(jnp.expand_dims(v, ns))
-  if post is not None:
-    d_perm = list(range(ns)) + [ns + axes.outputs.index(i) for i in sorted(axes.outputs)]
-    down = post.down if d_perm == list(range(ns + len(axes.outputs))) else jnp.transpose(
-        post.down, d_perm + [post.down.ndim - 1])
-    post = post._replace(down=down, up=right(post.up), bias_up=right(jnp.expand_dims(post.bias_up, ns)),
-                         scale=float(post.scale))
+  if post is not None:  # down is stored stack + out + (m,): put m where a right factor has it
+    post = post._replace(down=right(jnp.moveaxis(post.down, -1, ns)), up=right(post.up),
+                         bias_up=right(jnp.expand_dims(post.bias_up, ns)), scale=float(post.scale))
   return Lazy(lax.stop_gradient(w), sides, out_terms, lu, rv, path, post)
 
 

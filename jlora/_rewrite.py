@@ -34,7 +34,7 @@ from jax.extend import core as jcore
 
 from jlora._adapter import Axes, is_adapted
 from jlora._errors import JloraError, TreeError
-from jlora._lazy import Lazy, Term, from_kernel, is_routed
+from jlora._lazy import ACTIVATIONS, Lazy, Term, from_kernel, is_routed
 from jlora._paths import path_str
 from jlora._quant import QuantizedArray, dense, is_quantized, is_whole
 
@@ -840,18 +840,6 @@ def _c_dot_general(eqn, invals, ctx):
   return y
 
 
-_ACTS = {
-    "relu": jax.nn.relu,
-    "swish": jax.nn.silu,
-    "silu": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "identity": lambda x: x,
-}
-
-
 def _put(t, tl: str, yl: str):
   """``t`` (axes named ``tl``, each in ``yl``) transposed and reshaped to broadcast against ``yl``."""
   order = sorted(range(len(tl)), key=lambda k: yl.index(tl[k]))
@@ -874,7 +862,7 @@ def _bottleneck(y, yl: str, lz: Lazy, vl: str, ctx: _Ctx) -> jax.Array:
   cd = jnp.promote_types(jnp.promote_types(p.down.dtype, p.up.dtype), y.dtype)
   acc = _acc(cd)
   h = jnp.einsum(f"{yl},{rl}{m}->{hl}", y.astype(cd), p.down.astype(cd), preferred_element_type=acc)
-  h = _ACTS[p.act](h + _put(p.bias_down.astype(acc), sl + m, hl)).astype(cd)
+  h = ACTIVATIONS[p.act](h + _put(p.bias_down.astype(acc), sl + m, hl)).astype(cd)
   d = jnp.einsum(f"{hl},{rl}{m}->{yl}", h, p.up.astype(cd), preferred_element_type=acc)
   d = d + _put(p.bias_up[..., 0].astype(acc), rl, yl)
   return _add(y, _scaled(d, p.scale))

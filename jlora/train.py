@@ -873,12 +873,11 @@ def predict(run: Run, texts: list[str], *, max_new_tokens: int = 64, temperature
     enc = run.tokenizer(list(texts), truncation=True, max_length=run.config.data.max_length,
                         padding=True, return_tensors="np")
     batch = {k: jnp.asarray(v) for k, v in enc.items()}
-    if ids is None and params is not run.tree:
-      logits = run.forward(params, batch, True, None)
-    elif ids is None:
-      logits = jlora.lora(run.forward)(params, batch, True, None)
+    if params is run.tree:  # stacked or bottleneck adapters: through jlora.lora, unmerged
+      kw = {} if ids is None else {"adapter_ids": jnp.asarray(ids)}
+      logits = jlora.lora(run.forward)(params, batch, True, None, **kw)
     else:
-      logits = jlora.lora(run.forward)(params, batch, True, None, adapter_ids=jnp.asarray(ids))
+      logits = run.forward(params, batch, True, None)
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     return [{"text": t, "label": int(p.argmax()), "probs": [float(x) for x in p]}
             for t, p in zip(texts, probs)]

@@ -34,12 +34,12 @@ import numpy as np
 from jlora import _families
 from jlora._adapter import Adapter, AdapterSpec, Axes, group_shapes, infer_axes, register
 from jlora._errors import SpecError, TreeError
-from jlora._lazy import Post, from_kernel
+from jlora._lazy import ACTIVATIONS, Post, from_kernel
 from jlora._methods.lora import adapter_dtype, check_float, is_array
 
 __all__ = ["Bottleneck", "BottleneckWeight", "adapter_rules", "from_adapterhub"]
 
-_ACTS = ("relu", "swish", "silu", "gelu", "gelu_new", "tanh", "sigmoid", "identity")
+_ACTS = tuple(ACTIVATIONS)
 _INITS = ("bert", "zero")
 
 
